@@ -1,0 +1,162 @@
+"""Building blocks of PixelCNN++ (Salimans et al., 2017, "PixelCNN++: Improving the PixelCNN with
+Discretized Logistic Mixture Likelihood and Other Modifications", arXiv:1701.05517).
+
+The original code is openai/pixel-cnn (`pixel_cnn_pp/nn.py`); this is our own PyTorch rewrite.
+Every convolution here is causal in raster order: the output at row i depends on input rows <= i
+only (down-shifted), and where noted also on columns <= j only (down-right-shifted). The model
+shifts the first layer's output by one pixel so that the prediction for (i, j) never sees (i, j).
+
+Conditioning (gated residual fusion): `GatedResNet` takes an optional per-sample vector `cond`
+(the class embedding) and fuses it either as an additive bias on the gate pre-activation
+("gated", as in conditional PixelCNN, van den Oord et al. 2016) or as FiLM, a per-channel scale and
+shift of the hidden features (Perez et al. 2018).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import weight_norm
+
+
+def concat_elu(x):
+    """ELU of x and -x stacked on channels, the PixelCNN++ non-linearity: (B, C, H, W) -> (B, 2C, H, W)."""
+    return F.elu(torch.cat([x, -x], dim=1))
+
+
+def down_shift(x):
+    """Shift the image down by one row, filling the top row with zeros."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
+
+
+def right_shift(x):
+    """Shift the image right by one column, filling the left column with zeros."""
+    return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
+
+
+class DownShiftedConv2d(nn.Module):
+    """Convolution that sees the current row and the rows above, centred horizontally.
+
+    Padding (left, right, top, bottom) = ((fw-1)/2, (fw-1)/2, fh-1, 0): nothing from below.
+    """
+
+    def __init__(self, in_channels, out_channels, filter_size=(2, 3), stride=(1, 1)):
+        super().__init__()
+        fh, fw = filter_size
+        self.pad = ((fw - 1) // 2, (fw - 1) // 2, fh - 1, 0)
+        self.conv = weight_norm(nn.Conv2d(in_channels, out_channels, filter_size, stride))
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.pad))
+
+
+class DownRightShiftedConv2d(nn.Module):
+    """Convolution that sees the rows above and the columns to the left (and the pixel itself).
+
+    Padding (left, right, top, bottom) = (fw-1, 0, fh-1, 0).
+    """
+
+    def __init__(self, in_channels, out_channels, filter_size=(2, 2), stride=(1, 1)):
+        super().__init__()
+        fh, fw = filter_size
+        self.pad = (fw - 1, 0, fh - 1, 0)
+        self.conv = weight_norm(nn.Conv2d(in_channels, out_channels, filter_size, stride))
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.pad))
+
+
+class DownShiftedDeconv2d(nn.Module):
+    """Stride-2 transposed convolution, cropped so that it stays down-shifted: (H, W) -> (2H, 2W)."""
+
+    def __init__(self, in_channels, out_channels, filter_size=(2, 3), stride=(2, 2)):
+        super().__init__()
+        self.filter_size = filter_size
+        self.deconv = weight_norm(
+            nn.ConvTranspose2d(in_channels, out_channels, filter_size, stride, output_padding=1))
+
+    def forward(self, x):
+        fh, fw = self.filter_size
+        x = self.deconv(x)                                   # (B, C, 2H + fh - 1, 2W + fw - 1)
+        h, w = x.shape[-2:]
+        return x[:, :, :h - fh + 1, (fw - 1) // 2:w - (fw - 1) // 2]   # (B, C, 2H, 2W)
+
+
+class DownRightShiftedDeconv2d(nn.Module):
+    """Stride-2 transposed convolution, cropped so that it stays down-right-shifted."""
+
+    def __init__(self, in_channels, out_channels, filter_size=(2, 2), stride=(2, 2)):
+        super().__init__()
+        self.filter_size = filter_size
+        self.deconv = weight_norm(
+            nn.ConvTranspose2d(in_channels, out_channels, filter_size, stride, output_padding=1))
+
+    def forward(self, x):
+        fh, fw = self.filter_size
+        x = self.deconv(x)                                   # (B, C, 2H + fh - 1, 2W + fw - 1)
+        h, w = x.shape[-2:]
+        return x[:, :, :h - fh + 1, :w - fw + 1]             # (B, C, 2H, 2W)
+
+
+class NIN(nn.Module):
+    """Network-in-network: a weight-normalised 1x1 convolution (a per-pixel linear layer)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv = weight_norm(nn.Conv2d(in_channels, out_channels, kernel_size=1))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class GatedResNet(nn.Module):
+    """The PixelCNN++ gated residual block, with optional class conditioning.
+
+        h = conv(concat_elu(x)) [+ nin(concat_elu(a))]       a: skip input from the other stream
+        h = concat_elu(h)               -- FiLM: h = h * (1 + gamma(c)) + beta(c)
+        h = conv(dropout(h))            -> 2F channels       -- gated: h += W c
+        out = x + h[:F] * sigmoid(h[F:])
+
+    Args:
+        nr_filters: F, channels in and out.
+        conv: DownShiftedConv2d or DownRightShiftedConv2d (the stream this block belongs to).
+        skip_channels: channels of the skip input `a` (0 when there is none).
+        dropout: dropout probability on the hidden features (the paper uses 0.5).
+        cond_dim: size of the conditioning vector, or None for an unconditional block.
+        fusion: "gated" (bias on the gate pre-activation) or "film" (scale and shift of the hidden
+            features); ignored when cond_dim is None.
+    """
+
+    def __init__(self, nr_filters, conv, skip_channels=0, dropout=0.5, cond_dim=None, fusion="gated"):
+        super().__init__()
+        if fusion not in ("gated", "film"):
+            raise ValueError(f"GatedResNet fusion must be 'gated' or 'film', got {fusion!r}")
+        self.conv_input = conv(2 * nr_filters, nr_filters)
+        self.nin_skip = NIN(2 * skip_channels, nr_filters) if skip_channels else None
+        self.dropout = nn.Dropout(dropout)
+        self.conv_out = conv(2 * nr_filters, 2 * nr_filters)
+        self.cond_proj = None
+        if cond_dim is not None:
+            self.fusion = fusion
+            # gated: a bias for each of the 2F gate pre-activations; film: gamma and beta for each
+            # of the 2F hidden channels.
+            out = 2 * nr_filters if fusion == "gated" else 4 * nr_filters
+            self.cond_proj = nn.Linear(cond_dim, out)
+            if fusion == "film":
+                # Start as the identity (scale 1, shift 0) so conditioning cannot destabilise
+                # early training; the gradient still reaches the projection from step one.
+                nn.init.zeros_(self.cond_proj.weight)
+                nn.init.zeros_(self.cond_proj.bias)
+
+    def forward(self, x, a=None, cond=None):
+        h = self.conv_input(concat_elu(x))                   # (B, F, H, W)
+        if a is not None:
+            h = h + self.nin_skip(concat_elu(a))
+        h = concat_elu(h)                                    # (B, 2F, H, W)
+        if self.cond_proj is not None and self.fusion == "film":
+            gamma, beta = self.cond_proj(cond)[:, :, None, None].chunk(2, dim=1)   # (B, 2F, 1, 1) each
+            h = h * (1 + gamma) + beta
+        h = self.conv_out(self.dropout(h))                   # (B, 2F, H, W)
+        if self.cond_proj is not None and self.fusion == "gated":
+            h = h + self.cond_proj(cond)[:, :, None, None]
+        value, gate = h.chunk(2, dim=1)                      # (B, F, H, W) each
+        return x + value * torch.sigmoid(gate)

@@ -1,0 +1,174 @@
+"""The discretized logistic mixture likelihood of PixelCNN++, its sampler, bits/dim and the class
+log-likelihoods of the Bayes classifier.
+
+Images are in [-1, 1] on the grid of 256 levels {2v/255 - 1}. Each sub-pixel's probability is the
+mass a logistic puts on its bin of width 2/255, with the bins at the two ends stretched to
+infinity (Salimans et al., 2017, eq. 2). Colours depend linearly on the colours before them in the
+same pixel: mean_g += c0 * r, mean_b += c1 * r + c2 * g.
+
+One loss serves training (mean bits/dim over a batch) and classification (argmax over classes of
+log p(x | c)): `discretized_mix_logistic_loss(..., reduction="none")` gives the per-image NLL.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+HALF_BIN = 1.0 / 255.0      # half the width of one of the 256 bins on [-1, 1]
+EDGE = 0.999                # x below -EDGE is level 0, above EDGE is level 255
+MIN_LOG_SCALE = -7.0        # the reference clamps log-scales here to keep the CDFs finite
+MIN_CDF_DELTA = 1e-5        # below this bin mass, use the density at the bin centre instead
+UNIFORM_EPS = 1e-5          # keep uniform noise off 0 and 1 so log(u) and log(1 - u) stay finite
+
+
+def _log_bin_probs(x, means, log_scales):
+    """log P(x) of each sub-pixel under each logistic component, float32.
+
+    x: (B, C, 1, H, W); means, log_scales: (B, C, K, H, W). Returns (B, C, K, H, W).
+    """
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    plus_in = inv_stdv * (centered + HALF_BIN)
+    min_in = inv_stdv * (centered - HALF_BIN)
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - F.softplus(plus_in)             # log sigmoid(plus_in): level 0
+    log_one_minus_cdf_min = -F.softplus(min_in)              # log (1 - sigmoid(min_in)): level 255
+    mid_in = inv_stdv * centered
+    # log density at the bin centre times the bin width 2/255, for bins too thin to difference
+    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in) - math.log(127.5)
+    log_mid = torch.where(cdf_delta > MIN_CDF_DELTA,
+                          torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid)
+    return torch.where(x < -EDGE, log_cdf_plus,
+                       torch.where(x > EDGE, log_one_minus_cdf_min, log_mid))
+
+
+def unpack_mixture(l, nr_mix, channels):
+    """Split network output into mixture parameters, float32.
+
+    l: (B, 10K, H, W) for RGB or (B, 3K, H, W) for one channel. Returns
+    logit_probs (B, K, H, W), means (B, C, K, H, W), log_scales (B, C, K, H, W) clamped at
+    MIN_LOG_SCALE, and coeffs (B, 3, K, H, W) in (-1, 1) for RGB, None for one channel.
+    """
+    l = l.float()
+    B, _, H, W = l.shape
+    logit_probs = l[:, :nr_mix]                                          # (B, K, H, W)
+    per_channel = 3 if channels == 3 else 2
+    p = l[:, nr_mix:].reshape(B, channels, per_channel * nr_mix, H, W)   # (B, C, 3K or 2K, H, W)
+    means = p[:, :, :nr_mix]                                             # (B, C, K, H, W)
+    log_scales = p[:, :, nr_mix:2 * nr_mix].clamp(min=MIN_LOG_SCALE)
+    coeffs = torch.tanh(p[:, :, 2 * nr_mix:]) if channels == 3 else None
+    return logit_probs, means, log_scales, coeffs
+
+
+def discretized_mix_logistic_loss(x, l, reduction="sum"):
+    """Negative log-likelihood in nats of images x under the mixture l.
+
+    x: (B, C, H, W) in [-1, 1], C = 3 or 1; l: (B, 10K or 3K, H, W), any float dtype (computed in
+    float32). reduction="sum": the batch total, as the reference code returns; "none": the
+    per-image NLL, shape (B,).
+    """
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    B, C, H, W = x.shape
+    per_mix = 10 if C == 3 else 3
+    assert l.shape[0] == B and l.shape[2:] == (H, W) and l.shape[1] % per_mix == 0, (x.shape, l.shape)
+    nr_mix = l.shape[1] // per_mix
+    logit_probs, means, log_scales, coeffs = unpack_mixture(l, nr_mix, C)
+    x = x.float().unsqueeze(2)                                           # (B, C, 1, H, W)
+    if C == 3:
+        r, g = x[:, 0], x[:, 1]                                          # (B, 1, H, W)
+        means = torch.stack([means[:, 0],
+                             means[:, 1] + coeffs[:, 0] * r,
+                             means[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g], dim=1)
+    log_probs = _log_bin_probs(x, means, log_scales).sum(dim=1)         # (B, K, H, W)
+    log_probs = log_probs + F.log_softmax(logit_probs, dim=1)
+    nll = -torch.logsumexp(log_probs, dim=1).sum(dim=(1, 2))             # (B,)
+    return nll.sum() if reduction == "sum" else nll
+
+
+def bits_per_dim(nll_nats, num_dims):
+    """Convert an NLL in nats over `num_dims` sub-pixels to bits per dimension."""
+    return nll_nats / (num_dims * math.log(2.0))
+
+
+def sample_from_discretized_mix_logistic(l, nr_mix, u_mix=None, u_val=None):
+    """Draw one image from the mixture l: (B, 10K or 3K, H, W) -> (B, C, H, W) in [-1, 1].
+
+    u_mix (B, K, H, W) and u_val (B, C, H, W) are optional uniform(0, 1) draws; pass the same ones
+    to get the same sample (the fast and the straightforward sampler share draws this way).
+    """
+    B, n, H, W = l.shape
+    if n not in (10 * nr_mix, 3 * nr_mix):
+        raise ValueError(f"{n} channels is not a mixture of {nr_mix} components")
+    channels = 3 if n == 10 * nr_mix else 1
+    logit_probs, means, log_scales, coeffs = unpack_mixture(l, nr_mix, channels)
+    if u_mix is None:
+        u_mix = torch.rand_like(logit_probs)
+    if u_val is None:
+        u_val = torch.rand(B, channels, H, W, device=l.device)
+    # Gumbel-max picks component k with probability softmax(logit_probs)_k.
+    gumbel = -torch.log(-torch.log(u_mix.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)))
+    pick = F.one_hot((logit_probs + gumbel).argmax(dim=1), nr_mix)       # (B, H, W, K)
+    pick = pick.permute(0, 3, 1, 2).unsqueeze(1).float()                 # (B, 1, K, H, W)
+    mean = (means * pick).sum(dim=2)                                     # (B, C, H, W)
+    log_scale = (log_scales * pick).sum(dim=2)
+    u = u_val.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
+    x = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))   # logistic inverse CDF
+    if channels == 1:
+        return x.clamp(-1, 1)
+    coeff = (coeffs * pick).sum(dim=2)                                   # (B, 3, H, W)
+    r = x[:, 0].clamp(-1, 1)
+    g = (x[:, 1] + coeff[:, 0] * r).clamp(-1, 1)
+    b = (x[:, 2] + coeff[:, 1] * r + coeff[:, 2] * g).clamp(-1, 1)
+    return torch.stack([r, g, b], dim=1)
+
+
+def quantize(x):
+    """Snap values in [-1, 1] to the nearest of the 256 levels the model was trained on."""
+    return torch.round((x + 1) * 127.5) / 127.5 - 1
+
+
+@torch.inference_mode()
+def sample(model, labels, obs=(3, 32, 32), generator=None, progress=False):
+    """Class-conditional autoregressive sampling, the straightforward way: one full forward pass
+    per pixel, in raster order. labels: int64 (B,). Returns (B, *obs) in [-1, 1] on the 256-level
+    grid.
+
+    All random draws are made up front from `generator`, one per pixel, so any sampler that
+    consumes them pixel by pixel produces the same images.
+    """
+    C, H, W = obs
+    B = labels.shape[0]
+    device = labels.device
+    nr_mix = model.nr_logistic_mix
+    u_mix = torch.rand(B, nr_mix, H, W, generator=generator, device=device)
+    u_val = torch.rand(B, C, H, W, generator=generator, device=device)
+    x = torch.zeros(B, C, H, W, device=device)
+    for i in tqdm(range(H), desc="sampling rows", disable=not progress):
+        for j in range(W):
+            l = model(x, labels)[:, :, i:i + 1, j:j + 1]                 # (B, 10K, 1, 1)
+            pixel = sample_from_discretized_mix_logistic(
+                l, nr_mix, u_mix[:, :, i:i + 1, j:j + 1], u_val[:, :, i:i + 1, j:j + 1])
+            x[:, :, i:i + 1, j:j + 1] = quantize(pixel)
+    return x
+
+
+@torch.no_grad()
+def class_log_likelihoods(model, x, num_classes, batch_size=None):
+    """log p(x | c) in nats for every class: (B, C, H, W) -> (B, num_classes).
+
+    Every image is paired with every class and the pairs go through the network in batches of
+    `batch_size` pairs (default: all B * num_classes at once). The Bayes classifier is
+    `class_log_likelihoods(...).argmax(dim=1)`.
+    """
+    B = x.shape[0]
+    labels = torch.arange(num_classes, device=x.device).repeat_interleave(B)   # (num_classes*B,)
+    images = x.repeat(num_classes, 1, 1, 1)                                    # (num_classes*B, C, H, W)
+    step = batch_size or images.shape[0]
+    nll = torch.cat([
+        discretized_mix_logistic_loss(images[s:s + step], model(images[s:s + step], labels[s:s + step]),
+                                      reduction="none")
+        for s in range(0, images.shape[0], step)])                             # (num_classes*B,)
+    return -nll.view(num_classes, B).t()                                       # (B, num_classes)
