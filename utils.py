@@ -11,6 +11,7 @@ log p(x | c)): `discretized_mix_logistic_loss(..., reduction="none")` gives the 
 """
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -155,13 +156,13 @@ def sample(model, labels, obs=(3, 32, 32), generator=None, progress=False):
     return x
 
 
-@torch.no_grad()
 def class_log_likelihoods(model, x, num_classes, batch_size=None):
     """log p(x | c) in nats for every class: (B, C, H, W) -> (B, num_classes).
 
     Every image is paired with every class and the pairs go through the network in batches of
     `batch_size` pairs (default: all B * num_classes at once). The Bayes classifier is
-    `class_log_likelihoods(...).argmax(dim=1)`.
+    `class_log_likelihoods(...).argmax(dim=1)`. Gradients flow (the hybrid objective trains
+    through it); wrap it in `torch.no_grad()` to evaluate.
     """
     B = x.shape[0]
     labels = torch.arange(num_classes, device=x.device).repeat_interleave(B)   # (num_classes*B,)
@@ -172,3 +173,26 @@ def class_log_likelihoods(model, x, num_classes, batch_size=None):
                                       reduction="none")
         for s in range(0, images.shape[0], step)])                             # (num_classes*B,)
     return -nll.view(num_classes, B).t()                                       # (B, num_classes)
+
+
+@torch.no_grad()
+def dataset_log_likelihoods(model, images, num_classes, batch_size=32, device="cpu",
+                            tta=None, progress=False, autocast=nullcontext):
+    """log p(x | c) for a whole split, in file order: images (N, C, H, W) -> (N, num_classes), on CPU.
+
+    `batch_size` counts images; each batch makes batch_size * num_classes network passes at once.
+    tta="flip" adds the log-likelihoods of each image and its mirror image (still the generative
+    classifier: it scores log p(x | c) + log p(mirror(x) | c)).
+    """
+    if tta not in (None, "none", "flip"):
+        raise ValueError(f"tta must be None, 'none' or 'flip', got {tta!r}")
+    out = []
+    for s in tqdm(range(0, images.shape[0], batch_size), desc="log p(x|c)", disable=not progress,
+                  leave=False):
+        x = images[s:s + batch_size].to(device)
+        with autocast():
+            ll = class_log_likelihoods(model, x, num_classes)
+            if tta == "flip":
+                ll = ll + class_log_likelihoods(model, x.flip(dims=[3]), num_classes)
+        out.append(ll.float().cpu())
+    return torch.cat(out)                                                       # (N, num_classes)

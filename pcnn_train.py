@@ -1,0 +1,389 @@
+"""Train the conditional PixelCNN++ on CPEN455 (or CIFAR-10 / MNIST), on a GPU box or a laptop.
+
+    python pcnn_train.py --preset cpu                       # 2-core laptop, 30 minutes
+    python pcnn_train.py --preset gpu                       # one CUDA GPU, bf16 autocast
+    python pcnn_train.py --preset cpu --resume              # continue exactly where it stopped
+
+Each epoch prints train bits/dim, validation bits/dim, the validation accuracy of the Bayes
+classifier argmax_c log p(x | c), wall time and images/s, and appends the same to
+`<run_dir>/log.jsonl`. The best model by validation accuracy (EMA weights when --ema is on) goes to
+`<save_dir>/conditional_pixelcnn.pth`; `<run_dir>/resume.pt` holds everything --resume needs.
+At the end `<run_dir>/curves.png` plots the training curves.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataset import DatasetError, load_dataset, rescaling_inv
+from model import FUSION_MODES, PixelCNN
+from utils import bits_per_dim, class_log_likelihoods, dataset_log_likelihoods, \
+    discretized_mix_logistic_loss, sample
+
+BEST_NAME = "conditional_pixelcnn.pth"   # the file the course's evaluation scripts load
+
+# Presets set defaults; any flag given on the command line still wins.
+PRESETS = {
+    "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, batch_size=32, lr=2e-3,
+                warmup_steps=100, lr_decay=0.9998, ema=0.999, dropout=0.1, flip=True,
+                max_minutes=30.0, max_epochs=1000, sampling_interval=0),
+    "gpu": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10, batch_size=64, lr=1e-3,
+                warmup_steps=200, lr_decay=0.99995, ema=0.999, dropout=0.5, flip=True, amp=True,
+                max_minutes=25.0, max_epochs=1000, sampling_interval=10),
+}
+
+
+def str2bool(value):
+    """argparse type for real booleans: `--en_wandb False` is off (the course's type=bool is not)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the old file intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class EMA:
+    """Exponential moving average of the model's floating-point state (weights and buffers)."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                      if torch.is_tensor(v) and v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for k, v in model.state_dict().items():
+            if k in self.state:
+                self.state[k].lerp_(v, 1 - self.decay)
+
+    def state_dict_of(self, model):
+        """The model's state_dict with the averaged tensors swapped in."""
+        return {k: self.state.get(k, v) for k, v in model.state_dict().items()}
+
+
+def lr_factor(step, warmup_steps, lr_decay):
+    """Linear warm-up over `warmup_steps` optimizer steps, then lr_decay ** step, per step."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return warm * lr_decay ** step
+
+
+def evaluate(model, data, args, device, autocast):
+    """Validation bits/dim (under the true label) and Bayes-classifier accuracy, in one pass."""
+    model.eval()
+    ll = dataset_log_likelihoods(model, data.images, data.num_classes, args.eval_batch_size,
+                                 device, autocast=autocast)                       # (N, classes)
+    labels = data.labels
+    nll_true = -ll.gather(1, labels[:, None].clamp(min=0)).squeeze(1)
+    model.train()
+    return dict(val_bpd=bits_per_dim(nll_true.mean().item(), data.images[0].numel()),
+                val_acc=(ll.argmax(1) == labels).float().mean().item())
+
+
+def save_sample_grid(model, num_classes, n_per_class, obs, path, device, class_names):
+    """Sample n_per_class images of every class and save them as one PNG, a row per class."""
+    import torchvision.utils as vutils
+    model.eval()
+    labels = torch.arange(num_classes, device=device).repeat_interleave(n_per_class)
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = sample(model, labels, obs, generator=gen, progress=True)
+    model.train()
+    vutils.save_image(rescaling_inv(images), path, nrow=n_per_class, padding=1)
+    print(f"samples ({', '.join(class_names)}, one row each) -> {path}")
+
+
+def plot_curves(log, path):
+    """Train/validation bits/dim and validation accuracy against epoch, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [r["epoch"] for r in log]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [r["train_bpd"] for r in log], label="train")
+    ax1.plot(epochs, [r["val_bpd"] for r in log], label="validation")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("bits/dim"), ax1.legend(), ax1.grid(alpha=0.3)
+    ax2.plot(epochs, [100 * r["val_acc"] for r in log], color="C2")
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("validation accuracy (%)"), ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args):
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    use_amp = args.amp and device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+
+    try:
+        train = load_dataset(args.dataset, args.data_dir, "train", download=True)
+        val = load_dataset(args.dataset, args.data_dir, "validation")
+    except DatasetError as err:
+        sys.exit(f"error: {err}")
+    obs = tuple(train.images.shape[1:])                                          # (C, H, W)
+    num_dims = math.prod(obs)
+
+    model = PixelCNN(nr_resnet=args.nr_resnet, nr_filters=args.nr_filters,
+                     nr_logistic_mix=args.nr_logistic_mix, input_channels=obs[0],
+                     num_classes=train.num_classes, fusion=args.fusion,
+                     dropout=args.dropout).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, args.warmup_steps, args.lr_decay))
+    ema = EMA(model, args.ema) if args.ema > 0 else None
+    data_gen = torch.Generator().manual_seed(args.seed)   # epoch order and flips, saved on resume
+
+    run_dir, save_dir = Path(args.run_dir), Path(args.save_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    Path(args.sample_dir).mkdir(parents=True, exist_ok=True)
+    resume_path, best_path = run_dir / "resume.pt", save_dir / BEST_NAME
+    epoch, batch_index, step, best_acc, log, perm = 0, 0, 0, -1.0, [], None
+    if args.resume:
+        if not resume_path.exists():
+            sys.exit(f"error: --resume given but {resume_path} does not exist")
+        ckpt = torch.load(resume_path, weights_only=True, map_location="cpu")
+        if ckpt["model"]["_extra_state"] != model.config:
+            sys.exit(f"error: {resume_path} holds PixelCNN({ckpt['model']['_extra_state']}), "
+                     f"but the flags build PixelCNN({model.config})")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
+        data_gen.set_state(ckpt["data_gen"])
+        torch.set_rng_state(ckpt["rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        epoch, batch_index, step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
+        best_acc, log, perm = ckpt["best_acc"], ckpt["log"], ckpt["perm"]
+        print(f"resumed from {resume_path}: epoch {epoch}, batch {batch_index}, step {step}")
+
+    def save_resume():
+        atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(),
+                         ema=ema.state if ema is not None else None,
+                         data_gen=data_gen.get_state(), rng=torch.get_rng_state(),
+                         cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                         epoch=epoch, batch_index=batch_index, step=step, best_acc=best_acc,
+                         log=log, perm=perm, args=vars(args)), resume_path)
+
+    wandb = None
+    if args.en_wandb:
+        import wandb
+        wandb.init(project="cpen455-pixelcnn", config=vars(args), name=args.tag, resume="allow")
+
+    fwd_model = torch.compile(model) if args.compile else model
+    n_train = train.images.shape[0]
+    batches_per_epoch = n_train // args.batch_size   # drop the ragged last batch
+    if batches_per_epoch == 0:
+        sys.exit(f"error: --batch_size {args.batch_size} exceeds the {n_train} training images")
+    start_time = time.time()
+    stop_reason = None
+    print(f"training PixelCNN({model.config}) on {device}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    while epoch < args.max_epochs and stop_reason is None:
+        if perm is None:
+            perm = torch.randperm(n_train, generator=data_gen)
+        epoch_start, epoch_nll, epoch_images = time.time(), 0.0, 0
+        bar = tqdm(range(batch_index, batches_per_epoch), desc=f"epoch {epoch + 1}", leave=False)
+        for i in bar:
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            x, y = train.images[idx], train.labels[idx]                          # (B, C, H, W), (B,)
+            if args.flip:
+                mirror = torch.rand(x.shape[0], generator=data_gen) < 0.5
+                x = torch.where(mirror[:, None, None, None], x.flip(dims=[3]), x)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+            with autocast():
+                nll = discretized_mix_logistic_loss(x, fwd_model(x, y), reduction="none")  # (B,)
+                loss = nll.mean() / num_dims                                     # nats/dim
+                if args.disc_weight > 0:
+                    m = max(1, int(args.disc_fraction * x.shape[0]))
+                    logits = class_log_likelihoods(fwd_model, x[:m], train.num_classes)
+                    loss = loss + args.disc_weight * F.cross_entropy(logits, y[:m])
+            if not torch.isfinite(loss):
+                sys.exit(f"error: non-finite loss ({loss.item()}) at step {step} (epoch "
+                         f"{epoch + 1}); stopping. The last good checkpoints are {best_path} "
+                         f"and {resume_path}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            step, batch_index = step + 1, i + 1
+
+            batch_bpd = bits_per_dim(nll.mean().item(), num_dims)
+            epoch_nll += nll.sum().item()
+            epoch_images += x.shape[0]
+            bar.set_postfix(bpd=f"{batch_bpd:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            with open(run_dir / "steps.csv", "a") as f:
+                f.write(f"{step},{epoch + 1},{batch_bpd:.6f},{loss.item():.8f}\n")
+            if args.max_steps and step >= args.max_steps:
+                stop_reason = f"reached --max_steps {args.max_steps}"
+            elif args.max_minutes and time.time() - start_time >= 60 * args.max_minutes:
+                stop_reason = f"reached --max_minutes {args.max_minutes}"
+            if stop_reason:
+                break
+        bar.close()
+        train_seconds = time.time() - epoch_start
+        finished_epoch = batch_index == batches_per_epoch
+        if finished_epoch:
+            epoch, batch_index, perm = epoch + 1, 0, None
+
+        # Validate with the EMA weights when EMA is on: they are what gets saved.
+        live = {k: v.clone() for k, v in model.state_dict().items()} if ema is not None else None
+        if ema is not None:
+            model.load_state_dict(ema.state_dict_of(model))
+        metrics = evaluate(model, val, args, device, autocast)
+        record = dict(epoch=epoch if finished_epoch else epoch + batch_index / batches_per_epoch,
+                      step=step, train_bpd=bits_per_dim(epoch_nll / max(epoch_images, 1), num_dims),
+                      **metrics, lr=scheduler.get_last_lr()[0], train_seconds=train_seconds,
+                      images_per_s=epoch_images / train_seconds, elapsed_min=(time.time() - start_time) / 60)
+        log.append(record)
+        print(f"epoch {record['epoch']:.2f} step {step}: train {record['train_bpd']:.4f} bpd, "
+              f"val {metrics['val_bpd']:.4f} bpd, val acc {100 * metrics['val_acc']:.2f}%, "
+              f"{train_seconds:.1f}s, {record['images_per_s']:.1f} img/s")
+        with open(run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if wandb is not None:
+            wandb.log(record, step=step)
+        if metrics["val_acc"] > best_acc:
+            best_acc = metrics["val_acc"]
+            atomic_save(model.state_dict(), best_path)
+            print(f"  new best validation accuracy -> {best_path}")
+        if finished_epoch and args.save_interval and epoch % args.save_interval == 0:
+            atomic_save(model.state_dict(), save_dir / f"pcnn_{args.dataset}_epoch_{epoch}.pth")
+        if finished_epoch and args.sampling_interval and epoch % args.sampling_interval == 0:
+            n = max(1, args.sample_batch_size // train.num_classes)
+            save_sample_grid(model, train.num_classes, n, obs,
+                             Path(args.sample_dir) / f"{args.tag}_epoch_{epoch}.png", device,
+                             train.class_names)
+        if live is not None:
+            model.load_state_dict(live)
+        save_resume()
+
+    print(f"done: {stop_reason or f'{args.max_epochs} epochs'}; best validation accuracy "
+          f"{100 * best_acc:.2f}% -> {best_path}")
+    if log:
+        plot_curves(log, run_dir / "curves.png")
+        print(f"training curves -> {run_dir / 'curves.png'}")
+    if wandb is not None:
+        wandb.finish()
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="tuned defaults for a CPU laptop or a CUDA GPU; flags given still win")
+    # data and outputs
+    p.add_argument("-d", "--dataset", choices=("cpen455", "cifar10", "mnist"), default="cpen455",
+                   help="dataset; CPEN455 is downloaded into --data_dir when missing")
+    p.add_argument("-i", "--data_dir", default="data", help="folder holding the dataset")
+    p.add_argument("-o", "--save_dir", default="models", help="where the best model is written")
+    p.add_argument("-sd", "--sample_dir", default="samples", help="where sample grids are written")
+    p.add_argument("--run_dir", default="runs/default",
+                   help="log.jsonl, steps.csv, curves.png and resume.pt of this run")
+    p.add_argument("-t", "--tag", default="default", help="run name for sample files and wandb")
+    # model
+    p.add_argument("-q", "--nr_resnet", type=int, default=1, help="gated blocks per stage")
+    p.add_argument("-n", "--nr_filters", type=int, default=40, help="channels of each stream")
+    p.add_argument("-m", "--nr_logistic_mix", type=int, default=5, help="logistic mixture components")
+    p.add_argument("--fusion", choices=sorted(FUSION_MODES), default="gated",
+                   help="where the class embedding enters the network")
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout in the gated blocks")
+    # optimisation
+    p.add_argument("-b", "--batch_size", type=int, default=64, help="images per optimizer step")
+    p.add_argument("-l", "--lr", type=float, default=2e-4, help="Adam learning rate")
+    p.add_argument("-e", "--lr_decay", type=float, default=0.999995,
+                   help="learning rate multiplied by this after every optimizer step (not epoch)")
+    p.add_argument("--warmup_steps", type=int, default=0,
+                   help="linear learning-rate warm-up over this many optimizer steps")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay of the weights' exponential moving average (0: off)")
+    p.add_argument("--flip", type=str2bool, nargs="?", const=True, default=False,
+                   help="random horizontal flips of training images")
+    p.add_argument("--disc_weight", type=float, default=0.0,
+                   help="hybrid objective: weight of the cross-entropy of softmax_c log p(x|c)")
+    p.add_argument("--disc_fraction", type=float, default=0.25,
+                   help="fraction of each batch the hybrid term is computed on (it costs one "
+                        "forward pass per class)")
+    # length of the run
+    p.add_argument("-x", "--max_epochs", type=int, default=5000, help="epochs to train")
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: off)")
+    p.add_argument("--max_minutes", type=float, default=0.0,
+                   help="stop after this much training time (0: off)")
+    p.add_argument("--resume", action="store_true", help=f"continue from <run_dir>/resume.pt")
+    # evaluation, sampling and checkpoints
+    p.add_argument("--eval_batch_size", type=int, default=32,
+                   help="validation images per batch (times the number of classes per pass)")
+    p.add_argument("-c", "--sampling_interval", type=int, default=5,
+                   help="write a sample grid every this many epochs (0: never)")
+    p.add_argument("-sb", "--sample_batch_size", type=int, default=16,
+                   help="images in each sample grid, split evenly over the classes")
+    p.add_argument("-st", "--save_interval", type=int, default=0,
+                   help="also keep a checkpoint every this many epochs (0: only the best)")
+    # machine
+    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--amp", type=str2bool, nargs="?", const=True, default=False,
+                   help="bf16 autocast on CUDA (the loss stays in float32)")
+    p.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False,
+                   help="torch.compile the model")
+    p.add_argument("-s", "--seed", type=int, default=1, help="random seed")
+    p.add_argument("-w", "--en_wandb", type=str2bool, nargs="?", const=True, default=False,
+                   help="log to Weights & Biases (WANDB_MODE=offline works without network)")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse flags; a --preset replaces the defaults, and flags given on the command line win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
