@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dataset import DatasetError, load_dataset, rescaling_inv
 from model import FUSION_MODES, PixelCNN
 from utils import bits_per_dim, class_log_likelihoods, dataset_log_likelihoods, \
-    discretized_mix_logistic_loss, sample
+    discretized_mix_logistic_loss, pick_device, sample
 
 BEST_NAME = "conditional_pixelcnn.pth"   # the file the course's evaluation scripts load
 
@@ -51,16 +51,6 @@ def str2bool(value):
     if value.lower() in ("0", "false", "no", "n", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def atomic_save(obj, path):
@@ -352,7 +342,7 @@ def build_parser():
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: off)")
     p.add_argument("--max_minutes", type=float, default=0.0,
                    help="stop after this much training time (0: off)")
-    p.add_argument("--resume", action="store_true", help=f"continue from <run_dir>/resume.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/resume.pt")
     # evaluation, sampling and checkpoints
     p.add_argument("--eval_batch_size", type=int, default=32,
                    help="validation images per batch (times the number of classes per pass)")

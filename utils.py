@@ -196,3 +196,14 @@ def dataset_log_likelihoods(model, images, num_classes, batch_size=32, device="c
                 ll = ll + class_log_likelihoods(model, x.flip(dims=[3]), num_classes)
         out.append(ll.float().cpu())
     return torch.cat(out)                                                       # (N, num_classes)
+
+
+def pick_device(name="auto"):
+    """The device a script runs on: `name`, or for "auto" cuda, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

@@ -1,0 +1,142 @@
+"""Validation accuracy of the Bayes classifier argmax_c log p(x | c) of a trained conditional
+PixelCNN++, with the course's interface.
+
+    python classification_evaluation.py                          # validation split, models/conditional_pixelcnn.pth
+    python classification_evaluation.py --tta flip               # add log p(mirror(x) | c)
+    python classification_evaluation.py -m test                  # writes submission.csv and logits.npy
+
+For a labelled split it prints `Accuracy: <float>` (the line the course grades), then per-class
+accuracy, macro F1 and the confusion matrix, and saves the matrix as a PNG. For the unlabelled
+test split it writes `submission.csv` (`id,label` rows in file order) and `logits.npy`
+(N x classes log p(x | c), same order).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataset import DatasetError, load_dataset
+from model import PixelCNN
+from utils import class_log_likelihoods, dataset_log_likelihoods, pick_device
+
+DEFAULT_CHECKPOINT = "models/conditional_pixelcnn.pth"
+
+
+def load_model(path, device="cpu"):
+    """Rebuild the model from a checkpoint alone (its state_dict records the architecture), in
+    eval mode. Raises FileNotFoundError or ValueError with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python pcnn_train.py` "
+                                f"or pass --checkpoint PATH")
+    state_dict = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} does not hold a state_dict")
+    return PixelCNN.from_state_dict(state_dict).to(device).eval()
+
+
+@torch.no_grad()
+def get_label(model, model_input, device):
+    """The course's hook: predicted labels, int64 (B,), for images (B, C, H, W) in [-1, 1]."""
+    ll = class_log_likelihoods(model, model_input.to(device), model.num_classes)   # (B, classes)
+    return ll.argmax(dim=1)
+
+
+def classification_report(labels, predictions, num_classes):
+    """Accuracy, per-class accuracy (recall), macro F1 and the confusion matrix (rows: truth)."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
+    true_pos = confusion.diag().double()
+    recall = true_pos / confusion.sum(1).clamp(min=1)
+    precision = true_pos / confusion.sum(0).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return dict(accuracy=(labels == predictions).double().mean().item(),
+                per_class=recall.tolist(), macro_f1=f1.mean().item(), confusion=confusion)
+
+
+def save_confusion_png(confusion, class_names, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.imshow(confusion, cmap="Blues")
+    n = len(class_names)
+    ax.set_xticks(range(n), class_names, rotation=30)
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
+                    color="white" if confusion[i, j] > confusion.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args):
+    device = pick_device(args.device)
+    try:
+        model = load_model(args.checkpoint, device)
+        data = load_dataset(args.dataset, args.data_dir, args.mode)
+    except (FileNotFoundError, ValueError, DatasetError) as err:
+        sys.exit(f"error: {err}")
+    if data.num_classes != model.num_classes:
+        sys.exit(f"error: the model knows {model.num_classes} classes, the {args.dataset} data "
+                 f"has {data.num_classes}")
+    ll = dataset_log_likelihoods(model, data.images, model.num_classes, args.batch_size, device,
+                                 tta=args.tta, progress=True)                         # (N, classes)
+    predictions = ll.argmax(dim=1)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    if (data.labels < 0).all():   # unlabelled (the course's test split): write the submission
+        np.save(out_dir / "logits.npy", ll.numpy())
+        with open(out_dir / "submission.csv", "w") as f:
+            f.write("id,label\n")
+            for path, label in zip(data.paths, predictions.tolist()):
+                f.write(f"{Path(path).name},{label}\n")
+        print(f"{len(predictions)} predictions -> {out_dir / 'submission.csv'}, "
+              f"log p(x|c) -> {out_dir / 'logits.npy'}")
+        return
+    if (data.labels < 0).any():
+        sys.exit(f"error: the {args.mode} split mixes labelled and unlabelled rows")
+
+    report = classification_report(data.labels, predictions, model.num_classes)
+    print(f"Accuracy: {report['accuracy']}")
+    names = data.class_names
+    for name, acc in zip(names, report["per_class"]):
+        print(f"  {name:>10}: {100 * acc:.2f}%")
+    print(f"macro F1: {report['macro_f1']:.4f}")
+    print("confusion matrix (rows: true, columns: predicted):")
+    print(report["confusion"].numpy())
+    png = out_dir / f"confusion_{args.mode}.png"
+    save_confusion_png(report["confusion"].numpy(), names, png,
+                       f"{args.mode}: {100 * report['accuracy']:.2f}% accuracy")
+    print(f"confusion matrix -> {png}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-i", "--data_dir", default="data", help="folder holding the dataset")
+    p.add_argument("-b", "--batch_size", type=int, default=32,
+                   help="images per batch (each makes one network pass per class)")
+    p.add_argument("-m", "--mode", choices=("validation", "train", "test"), default="validation",
+                   help="split to classify; test is unlabelled and writes a submission")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model to evaluate")
+    p.add_argument("--dataset", choices=("cpen455", "cifar10", "mnist"), default="cpen455",
+                   help="dataset the model was trained on")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="flip: add the log-likelihoods of the image and its mirror image")
+    p.add_argument("--out_dir", default=".",
+                   help="where submission.csv, logits.npy and the confusion PNG go")
+    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    return p
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
