@@ -71,8 +71,11 @@ class DownShiftedDeconv2d(nn.Module):
     def __init__(self, in_channels, out_channels, filter_size=(2, 3), stride=(2, 2)):
         super().__init__()
         self.filter_size = filter_size
+        # dim=1: a transposed convolution stores (in, out, kh, kw), and the paper normalises per
+        # output channel.
         self.deconv = weight_norm(
-            nn.ConvTranspose2d(in_channels, out_channels, filter_size, stride, output_padding=1))
+            nn.ConvTranspose2d(in_channels, out_channels, filter_size, stride, output_padding=1),
+            dim=1)
 
     def forward(self, x):
         fh, fw = self.filter_size
@@ -87,8 +90,11 @@ class DownRightShiftedDeconv2d(nn.Module):
     def __init__(self, in_channels, out_channels, filter_size=(2, 2), stride=(2, 2)):
         super().__init__()
         self.filter_size = filter_size
+        # dim=1: a transposed convolution stores (in, out, kh, kw), and the paper normalises per
+        # output channel.
         self.deconv = weight_norm(
-            nn.ConvTranspose2d(in_channels, out_channels, filter_size, stride, output_padding=1))
+            nn.ConvTranspose2d(in_channels, out_channels, filter_size, stride, output_padding=1),
+            dim=1)
 
     def forward(self, x):
         fh, fw = self.filter_size

@@ -12,6 +12,7 @@ At the end `<run_dir>/curves.png` plots the training curves.
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -227,7 +228,7 @@ def main(args):
                     logits = class_log_likelihoods(fwd_model, x[:m], train.num_classes)
                     loss = loss + args.disc_weight * F.cross_entropy(logits, y[:m])
             if not torch.isfinite(loss):
-                sys.exit(f"error: non-finite loss ({loss.item()}) at step {step} (epoch "
+                sys.exit(f"error: non-finite loss ({loss.item()}) at step {step + 1} (epoch "
                          f"{epoch + 1}); stopping. The last good checkpoints are {best_path} "
                          f"and {resume_path}")
             optimizer.zero_grad(set_to_none=True)
@@ -259,7 +260,7 @@ def main(args):
             epoch, batch_index, perm = epoch + 1, 0, None
 
         # Validate with the EMA weights when EMA is on: they are what gets saved.
-        live = {k: v.clone() for k, v in model.state_dict().items()} if ema is not None else None
+        live = copy.deepcopy(model.state_dict()) if ema is not None else None
         if ema is not None:
             model.load_state_dict(ema.state_dict_of(model))
         metrics = evaluate(model, val, args, device, autocast)

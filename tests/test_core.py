@@ -1,0 +1,437 @@
+"""Property and equivalence tests for the core of the conditional PixelCNN++: `layers.py`,
+`model.py` and `utils.py`.
+
+In the manner of minGPT's tests, each check compares the code with something computed
+independently of it: causality by gradients and by perturbing the future, the mixture loss with a
+float64 brute force over all 256 bins, the pixel-by-pixel sampler with one forward pass over its
+own output, the batched class log-likelihoods with a per-class loop, a rebuilt checkpoint with the
+model it came from. Tiny models on images of at most 16x16 keep the whole file to seconds on two
+CPU cores:
+
+    python -m pytest tests/test_core.py -q --durations=5
+"""
+
+import math
+
+import pytest
+import torch
+
+from model import FUSION_MODES, PixelCNN
+from utils import (bits_per_dim, class_log_likelihoods, discretized_mix_logistic_loss, quantize,
+                   sample, sample_from_discretized_mix_logistic)
+
+NUM_LEVELS = 256
+HALF_BIN = 1 / 255                                    # the 256 bins of width 2/255 tile [-1, 1]
+LEVELS = torch.arange(NUM_LEVELS, dtype=torch.float64) * 2 / 255 - 1   # bin centres b_v
+MIN_LOG_SCALE = -7.0                                  # the paper's clamp, part of the likelihood
+CONDITIONAL = [f for f in FUSION_MODES if f != "none"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors this small gain nothing from threads, and on a busy two-core machine the thread
+    handoffs made every forward pass ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def tiny_model(seed=0, perturb=True, **kwargs):
+    """A small PixelCNN in eval mode (dropout off). perturb=True moves every parameter off its
+    initialisation: FiLM's projection starts at zero, where labels have no effect at all."""
+    torch.manual_seed(seed)
+    config = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, num_classes=4) | kwargs
+    model = PixelCNN(**config).eval()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def grid_images(b, c, h, w, seed=0):
+    """Random images on the 256-level grid {2v/255 - 1}, float32."""
+    v = torch.randint(0, NUM_LEVELS, (b, c, h, w), generator=torch.Generator().manual_seed(seed))
+    return (v.double() * 2 / 255 - 1).float()
+
+
+def bin_masses(mean, log_scale):
+    """Mass of each of the 256 bins under a logistic, float64: (...) -> (..., 256).
+
+    Bin v is [b_v - 1/255, b_v + 1/255], except that bin 0 reaches down to -inf and bin 255 up to
+    +inf, so the masses telescope to exactly 1.
+    """
+    s = log_scale.clamp(min=MIN_LOG_SCALE).exp()[..., None]
+    upper = torch.sigmoid((LEVELS + HALF_BIN - mean[..., None]) / s)
+    lower = torch.sigmoid((LEVELS - HALF_BIN - mean[..., None]) / s)
+    upper[..., -1] = 1.0
+    lower[..., 0] = 0.0
+    return upper - lower
+
+
+def brute_force_nll(x, l, nr_mix):
+    """Per-image NLL in nats from the full 256-way categorical of every sub-pixel, float64.
+
+    x: (B, C, H, W) on the grid; l: (B, 10K or 3K, H, W) laid out as
+    [K logits | per colour: K means, K log-scales (, K raw colour coefficients)].
+    """
+    x, l, K = x.double(), l.double(), nr_mix
+    B, C, H, W = x.shape
+    per_colour = 3 * K if C == 3 else 2 * K
+    level = torch.round((x + 1) * 127.5).long()                          # (B, C, H, W)
+    block = [l[:, K + per_colour * c:K + per_colour * (c + 1)] for c in range(C)]
+    coeff = [torch.tanh(b[:, 2 * K:]) for b in block] if C == 3 else None   # (B, K, H, W) each
+    likelihood = torch.softmax(l[:, :K], dim=1)                          # (B, K, H, W)
+    for c in range(C):
+        mean = block[c][:, :K]
+        if c == 1:
+            mean = mean + coeff[0] * x[:, :1]
+        if c == 2:
+            mean = mean + coeff[1] * x[:, :1] + coeff[2] * x[:, 1:2]
+        masses = bin_masses(mean, block[c][:, K:2 * K])                  # (B, K, H, W, 256)
+        torch.testing.assert_close(masses.sum(-1), torch.ones_like(mean), rtol=0, atol=1e-6)
+        observed = masses.gather(-1, level[:, c:c + 1].expand(B, K, H, W)[..., None])[..., 0]
+        # keep to bins the loss computes as a CDF difference, not by its density fallback
+        assert observed.min() > 1e-5
+        likelihood = likelihood * observed
+    return -likelihood.sum(dim=1).log().sum(dim=(1, 2))                  # (B,)
+
+
+def peaked_mixture(modes, nr_mix, pick, raw_coeffs):
+    """Mixture parameters (B, 10K, H, W) whose component `pick` dominates (logit 100, log-scale
+    at the clamp) and whose sampled colours, after the linear colour dependence, sit at `modes`
+    (B, 3, H, W). The other components have their means at -modes."""
+    K = nr_mix
+    B, _, H, W = modes.shape
+    coeff = torch.tanh(raw_coeffs)
+    r, g, b = modes.unbind(dim=1)
+    # the sampler adds coeff * (earlier colours) to the mean, so subtract it here
+    means = [r, g - coeff[0] * r, b - coeff[1] * r - coeff[2] * g]
+    l = torch.zeros(B, 10 * K, H, W)
+    l[:, pick] = 100.0
+    for c in range(3):
+        start = K + 3 * K * c
+        l[:, start:start + K] = -modes[:, c:c + 1]
+        l[:, start + pick] = means[c]
+        l[:, start + K:start + 2 * K] = MIN_LOG_SCALE
+        l[:, start + 2 * K:start + 3 * K] = raw_coeffs[c]
+    return l
+
+
+# --------------------------------------------------------------------------------- causality
+
+@pytest.mark.parametrize("fusion,channels", [(f, 3) for f in FUSION_MODES] + [("gated", 1)])
+def test_output_depends_only_on_earlier_pixels(fusion, channels):
+    model = tiny_model(fusion=fusion, input_channels=channels)
+    H, W = 8, 12                                      # non-square, so a transposed mask shows
+    x = torch.randn(2, channels, H, W, requires_grad=True)
+    labels = torch.tensor([1, 2])
+    out = model(x, labels)
+    raster = torch.arange(H * W).view(H, W)
+    for i, j in [(0, 0), (0, 7), (3, 0), (4, 5), (7, 11)]:
+        grad, = torch.autograd.grad(out[0, :, i, j].sum(), x, retain_graph=True)
+        future = raster >= i * W + j                  # (i, j) itself and everything after it
+        assert torch.all(grad[1] == 0), "output of image 0 depends on image 1"
+        assert torch.all(grad[0][:, future] == 0), f"output at {(i, j)} sees the future"
+        # and it does see its causal neighbours: the pixel to the left and the one above
+        if j > 0:
+            assert grad[0, :, i, j - 1].abs().sum() > 0
+        if i > 0:
+            assert grad[0, :, i - 1, j].abs().sum() > 0
+
+    # Independently of autograd: rewrite every pixel after (i, j). The outputs up to (i, j + 1),
+    # which see (i, j) at most, stay bitwise the same; every output after that changes (the
+    # U-Net's receptive field covers the whole past even in this tiny model).
+    i, j = 4, 5
+    later = raster > i * W + j
+    x2 = x.detach().clone()
+    x2[:, :, later] = torch.rand(2, channels, int(later.sum())) * 2 - 1
+    with torch.no_grad():
+        changed = (model(x2, labels) != out).any(dim=1)                 # (B, H, W)
+    assert torch.equal(changed, (raster > i * W + j + 1).expand_as(changed))
+
+
+# ------------------------------------------------------------------------------------ the loss
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_loss_matches_brute_force(channels):
+    torch.manual_seed(0)
+    K, B, H, W = 3, 2, 8, 8
+    x = grid_images(B, channels, H, W)
+    x[:, :, 0, :4] = -1.0                             # both edge bins, in every colour
+    x[:, :, 0, 4:] = 1.0
+    x[1, 0, 3] = -1.0                                 # an edge first colour, free others
+    per_pixel = 10 if channels == 3 else 3
+    l = torch.randn(B, per_pixel * K, H, W) * 0.5
+    nll = discretized_mix_logistic_loss(x, l, reduction="none")
+    assert nll.shape == (B,) and nll.dtype == torch.float32
+    torch.testing.assert_close(nll.double(), brute_force_nll(x, l, K), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("mean,log_scale", [
+    (0.1, 0.3),                                       # broad: every bin has mass
+    (0.3, -3.0),                                      # narrow, in the middle
+    (1 / 255, MIN_LOG_SCALE),                         # a spike on a bin centre (level 128)
+    (0.0, MIN_LOG_SCALE),                             # a spike on a bin boundary (127 | 128)
+    (-1.0, -5.0),                                     # on the lowest level
+    (1.0, -5.0),                                      # on the highest level
+    (-1.3, -4.0),                                     # beyond either end
+    (1.3, -4.0),
+    (0.5, 6.0),                                       # so broad that inner bins are < 1e-5
+    (0.3, -9.0),                                      # below the clamp: as narrow as -7
+])
+def test_probabilities_of_all_256_levels_sum_to_one(mean, log_scale):
+    # A single grayscale sub-pixel and one component: p(x) over the 256 values is a distribution.
+    l = torch.tensor([0.0, mean, log_scale]).view(1, 3, 1, 1).expand(NUM_LEVELS, 3, 1, 1)
+    x = LEVELS.float().view(NUM_LEVELS, 1, 1, 1)
+    p = torch.exp(-discretized_mix_logistic_loss(x, l, reduction="none")).double()
+    assert abs(p.sum().item() - 1) < 1e-5
+    # and it is the brute-force categorical, mass by mass; masses below 1e-5 the loss replaces by
+    # the density at the bin centre (as the reference code does), hence the absolute tolerance
+    exact = bin_masses(torch.tensor(mean, dtype=torch.float64),
+                       torch.tensor(log_scale, dtype=torch.float64))
+    torch.testing.assert_close(p, exact, rtol=1e-3, atol=1e-5)
+
+
+def test_loss_of_a_mixture_over_all_levels_sums_to_one():
+    torch.manual_seed(0)
+    l = (torch.randn(1, 3 * 4, 1, 1) * 2).expand(NUM_LEVELS, -1, -1, -1)
+    x = LEVELS.float().view(NUM_LEVELS, 1, 1, 1)
+    p = torch.exp(-discretized_mix_logistic_loss(x, l, reduction="none")).double()
+    assert abs(p.sum().item() - 1) < 1e-5
+
+
+def test_loss_reductions_and_dtypes():
+    torch.manual_seed(0)
+    x = grid_images(3, 3, 8, 8)
+    l = torch.randn(3, 10 * 2, 8, 8)
+    per_image = discretized_mix_logistic_loss(x, l, reduction="none")
+    torch.testing.assert_close(discretized_mix_logistic_loss(x, l, reduction="sum"),
+                               per_image.sum())
+    # a bfloat16 network output is computed on in float32, exactly as its upcast
+    l16 = l.bfloat16()
+    loss16 = discretized_mix_logistic_loss(x, l16, reduction="none")
+    assert loss16.dtype == torch.float32
+    assert torch.equal(loss16, discretized_mix_logistic_loss(x, l16.float(), reduction="none"))
+    with pytest.raises(ValueError, match="reduction"):
+        discretized_mix_logistic_loss(x, l, reduction="mean")
+
+
+def test_bits_per_dim_of_uniform_categorical_is_eight():
+    num_dims = 3 * 32 * 32
+    uniform_nll = num_dims * math.log(NUM_LEVELS)     # -log(1/256) per sub-pixel
+    assert bits_per_dim(uniform_nll, num_dims) == 8.0
+    assert torch.equal(bits_per_dim(torch.full((4,), uniform_nll, dtype=torch.float64), num_dims),
+                       torch.full((4,), 8.0, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------- sampling
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_sampler_shape_and_range(channels):
+    torch.manual_seed(0)
+    K = 3
+    l = torch.randn(2, (10 if channels == 3 else 3) * K, 8, 12) * 3   # wide enough to clamp
+    x = sample_from_discretized_mix_logistic(l, K)
+    assert x.shape == (2, channels, 8, 12)
+    assert x.min() >= -1 and x.max() <= 1
+    with pytest.raises(ValueError):
+        sample_from_discretized_mix_logistic(l, K + 1)
+
+
+def test_sampler_returns_the_mode_of_a_peaked_mixture():
+    torch.manual_seed(0)
+    K, B, H, W = 3, 2, 8, 8
+    modes = grid_images(B, 3, H, W)
+    # With log-scale -7 a logistic draw lands within 0.0105 (u clamped to [1e-5, 1 - 1e-5]) of its
+    # mean, so within one level of it once quantised.
+    l = peaked_mixture(modes, K, pick=1, raw_coeffs=torch.zeros(3))
+    x = sample_from_discretized_mix_logistic(l, K)
+    assert (quantize(x) - modes).abs().max() <= 2 / 255 + 1e-6
+    # u = 1/2 is the median of every logistic: then the sample is the mode itself, and it must
+    # carry the colour dependence (g on r, b on r and g) the way the loss reads it.
+    l = peaked_mixture(modes, K, pick=2, raw_coeffs=torch.tensor([0.7, -1.2, 0.4]))
+    x = sample_from_discretized_mix_logistic(l, K, u_val=torch.full((B, 3, H, W), 0.5))
+    torch.testing.assert_close(x, modes, rtol=0, atol=1e-5)
+
+
+def test_sampler_is_deterministic_given_its_uniforms():
+    torch.manual_seed(0)
+    K = 3
+    l = torch.randn(2, 10 * K, 8, 8)
+    u_mix, u_val = torch.rand(2, K, 8, 8), torch.rand(2, 3, 8, 8)
+    first = sample_from_discretized_mix_logistic(l, K, u_mix, u_val)
+    again = sample_from_discretized_mix_logistic(l, K, u_mix.clone(), u_val.clone())
+    assert torch.equal(first, again)
+    assert not torch.equal(first, sample_from_discretized_mix_logistic(l, K, u_mix, 1 - u_val))
+
+
+def test_sampler_picks_components_by_their_weights():
+    # Two well-separated grayscale spikes with weights 1/4 and 3/4: count which one each pixel got.
+    torch.manual_seed(0)
+    n = 64
+    l = torch.tensor([0.0, math.log(3.0), -0.5, 0.5, MIN_LOG_SCALE, MIN_LOG_SCALE])
+    x = sample_from_discretized_mix_logistic(l.view(1, 6, 1, 1).expand(4, 6, n, n), 2)
+    fraction = (x > 0).double().mean().item()
+    assert abs(fraction - 0.75) < 4 * math.sqrt(0.75 * 0.25 / x.numel())
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_autoregressive_sample(channels):
+    model = tiny_model(fusion="gated", input_channels=channels)
+    labels = torch.tensor([0, 3])
+    obs = (channels, 8, 8)
+    x = sample(model, labels, obs=obs, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, *obs)
+    assert x.min() >= -1 and x.max() <= 1
+    levels = (x + 1) * 127.5
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+    again = sample(model, labels, obs=obs, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, again)
+    assert x.unique().numel() > 10                    # not stuck on one value
+
+    # Fast path: by causality one forward pass over the finished image gives every pixel the
+    # same mixture it was drawn from, so the same uniforms (drawn up front: u_mix, then u_val)
+    # redraw the whole image at once.
+    g = torch.Generator().manual_seed(0)
+    u_mix = torch.rand(2, model.nr_logistic_mix, 8, 8, generator=g)
+    u_val = torch.rand(2, channels, 8, 8, generator=g)
+    with torch.no_grad():
+        l = model(x, labels)
+    redrawn = quantize(sample_from_discretized_mix_logistic(l, model.nr_logistic_mix, u_mix, u_val))
+    assert torch.equal(redrawn, x)
+
+
+# ---------------------------------------------------------------------------------- conditioning
+
+@pytest.mark.parametrize("fusion", CONDITIONAL)
+def test_labels_change_the_output(fusion):
+    model = tiny_model(fusion=fusion)
+    x = grid_images(2, 3, 8, 8)
+    with torch.no_grad():
+        a = model(x, torch.tensor([0, 1]))
+        b = model(x, torch.tensor([2, 1]))
+    assert (a[0] - b[0]).abs().max() > 1e-3
+    assert torch.equal(a[1], b[1])                    # image 1 kept its label
+
+
+def test_unconditional_model_ignores_labels():
+    model = tiny_model(fusion="none")
+    x = grid_images(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x, torch.tensor([0, 1])), model(x, torch.tensor([3, 2])))
+
+
+def test_film_starts_as_the_identity():
+    model = tiny_model(fusion="film", perturb=False)
+    x = grid_images(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x, torch.tensor([0, 1])), model(x, torch.tensor([3, 2])))
+
+
+# -------------------------------------------------------------------------------------- batching
+
+def test_image_alone_equals_image_in_batch():
+    model = tiny_model(fusion="joint")
+    x = grid_images(5, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    with torch.no_grad():
+        batched = model(x, labels)
+        alone = model(x[2:3], labels[2:3])
+    torch.testing.assert_close(alone, batched[2:3], rtol=0, atol=1e-5)
+
+
+def test_shapes_in_sequence_leave_no_state():
+    model = tiny_model(fusion="joint", nr_logistic_mix=3)
+    shapes = [(1, 8, 12), (3, 12, 8), (2, 16, 4), (1, 8, 12)]
+    outputs = []
+    with torch.no_grad():
+        for seed, (b, h, w) in enumerate(shapes):
+            x = grid_images(b, 3, h, w, seed=seed % 3)   # the first and last input are the same
+            out = model(x, torch.arange(b) % 4)
+            assert out.shape == (b, 30, h, w)
+            outputs.append(out)
+    assert torch.equal(outputs[0], outputs[-1])
+
+
+def test_class_log_likelihoods_match_per_class_loop():
+    num_classes = 3
+    model = tiny_model(fusion="gated", num_classes=num_classes)
+    x = grid_images(2, 3, 8, 8)
+    with torch.no_grad():
+        loop = torch.stack([
+            -discretized_mix_logistic_loss(x, model(x, torch.full((2,), c)), reduction="none")
+            for c in range(num_classes)], dim=1)                             # (B, num_classes)
+    assert (loop[:, 0] - loop[:, 1]).abs().min() > 1e-2   # classes differ, so a mix-up shows
+    assert (loop[0] - loop[1]).abs().min() > 1e-2         # and so do the images
+    for batch_size in (None, 1, 4):                       # 4: the last chunk is partial
+        ll = class_log_likelihoods(model, x, num_classes, batch_size=batch_size)
+        assert ll.shape == (2, num_classes)
+        torch.testing.assert_close(ll, loop, rtol=1e-5, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+def test_from_state_dict_rebuilds_the_model(tmp_path):
+    model = tiny_model(fusion="film", nr_filters=12, nr_logistic_mix=3, embed_dim=6, dropout=0.2)
+    x, labels = grid_images(2, 3, 8, 8), torch.tensor([0, 3])
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    for state in (model.state_dict(), torch.load(path, weights_only=True)):
+        rebuilt = PixelCNN.from_state_dict(state).eval()
+        assert rebuilt.config == model.config
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x, labels), model(x, labels))
+
+
+@pytest.mark.parametrize("change", [dict(nr_filters=12), dict(fusion="film"),
+                                    dict(input_channels=1), dict(nr_logistic_mix=3),
+                                    dict(num_classes=5)])
+def test_loading_another_architecture_names_both(change):
+    saved = tiny_model(perturb=False)
+    other = tiny_model(perturb=False, **change)
+    (key, value), = change.items()
+    with pytest.raises(ValueError) as error:
+        other.load_state_dict(saved.state_dict())
+    message = str(error.value)
+    assert f"{key}={saved.config[key]!r}" in message and f"{key}={value!r}" in message
+
+
+def test_dropout_is_not_architecture():
+    saved = tiny_model(dropout=0.5)
+    other = tiny_model(seed=1, perturb=False, dropout=0.0)
+    other.load_state_dict(saved.state_dict())
+    x = grid_images(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(other(x, torch.tensor([2])), saved(x, torch.tensor([2])))
+
+
+@pytest.mark.parametrize("bad", [dict(fusion="concat"), dict(input_channels=2)])
+def test_invalid_config_raises(bad):
+    with pytest.raises(ValueError):
+        PixelCNN(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, **bad)
+
+
+def test_from_state_dict_needs_a_config():
+    state = tiny_model(perturb=False).state_dict()
+    del state["_extra_state"]
+    with pytest.raises(ValueError, match="config"):
+        PixelCNN.from_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+def test_bfloat16_autocast_close_to_float32():
+    model = tiny_model(fusion="joint")
+    x, labels = grid_images(2, 3, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        reference = discretized_mix_logistic_loss(x, model(x, labels), reduction="none")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            l = model(x, labels)
+            loss = discretized_mix_logistic_loss(x, l, reduction="none")
+    assert l.dtype == torch.bfloat16                  # autocast really took over the convolutions
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    torch.testing.assert_close(loss, reference, rtol=2e-2, atol=0)
