@@ -33,74 +33,102 @@ def right_shift(x):
     return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
 
 
-class DownShiftedConv2d(nn.Module):
+class _ShiftedConv2d(nn.Module):
+    """A weight-normalised convolution padded on the top (and sides) only, so that it is causal
+    in rows: output row r reads input rows r*stride - (fh-1) .. r*stride."""
+
+    def __init__(self, in_channels, out_channels, filter_size, stride, pad):
+        super().__init__()
+        self.filter_size, self.stride, self.pad = filter_size, stride, pad
+        self.conv = weight_norm(nn.Conv2d(in_channels, out_channels, filter_size, stride))
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.pad))
+
+    def forward_rows(self, x, r0, r1, pre=None):
+        """Rows r0..r1 of forward(pre(x)), reading only the input rows they need.
+
+        x: the full input (B, C, H, W); pre: an elementwise function applied to the rows read.
+        Used by the cached sampler, which recomputes one band of rows per pixel.
+        """
+        fh, s = self.filter_size[0], self.stride[0]
+        lo, hi = r0 * s - (fh - 1), r1 * s
+        x = x[:, :, max(lo, 0):hi + 1]                       # (B, C, hi - max(lo, 0) + 1, W)
+        if pre is not None:
+            x = pre(x)
+        left, right, _, _ = self.pad
+        return self.conv(F.pad(x, (left, right, max(0, -lo), 0)))   # (B, C_out, r1 - r0 + 1, W / s)
+
+
+class DownShiftedConv2d(_ShiftedConv2d):
     """Convolution that sees the current row and the rows above, centred horizontally.
 
     Padding (left, right, top, bottom) = ((fw-1)/2, (fw-1)/2, fh-1, 0): nothing from below.
     """
 
     def __init__(self, in_channels, out_channels, filter_size=(2, 3), stride=(1, 1)):
-        super().__init__()
         fh, fw = filter_size
-        self.pad = ((fw - 1) // 2, (fw - 1) // 2, fh - 1, 0)
-        self.conv = weight_norm(nn.Conv2d(in_channels, out_channels, filter_size, stride))
-
-    def forward(self, x):
-        return self.conv(F.pad(x, self.pad))
+        super().__init__(in_channels, out_channels, filter_size, stride,
+                         pad=((fw - 1) // 2, (fw - 1) // 2, fh - 1, 0))
 
 
-class DownRightShiftedConv2d(nn.Module):
+class DownRightShiftedConv2d(_ShiftedConv2d):
     """Convolution that sees the rows above and the columns to the left (and the pixel itself).
 
     Padding (left, right, top, bottom) = (fw-1, 0, fh-1, 0).
     """
 
     def __init__(self, in_channels, out_channels, filter_size=(2, 2), stride=(1, 1)):
-        super().__init__()
         fh, fw = filter_size
-        self.pad = (fw - 1, 0, fh - 1, 0)
-        self.conv = weight_norm(nn.Conv2d(in_channels, out_channels, filter_size, stride))
+        super().__init__(in_channels, out_channels, filter_size, stride,
+                         pad=(fw - 1, 0, fh - 1, 0))
+
+
+class _ShiftedDeconv2d(nn.Module):
+    """A stride-2 weight-normalised transposed convolution, (H, W) -> (2H, 2W), cropped at the
+    bottom and on the sides `crop_cols(width)` so that it stays causal in rows."""
+
+    def __init__(self, in_channels, out_channels, filter_size, stride):
+        super().__init__()
+        if filter_size[0] != stride[0]:
+            raise ValueError("the row-causal crop assumes filter height == stride")
+        self.filter_size = filter_size
+        # dim=1: a transposed convolution stores (in, out, kh, kw), and the paper normalises per
+        # output channel.
+        self.deconv = weight_norm(
+            nn.ConvTranspose2d(in_channels, out_channels, filter_size, stride, output_padding=1),
+            dim=1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, self.pad))
+        x = self.deconv(x)                                   # (B, C, 2H + 1, 2W + fw - 1)
+        return x[:, :, :x.shape[2] - 1, self.crop_cols(x.shape[3])]     # (B, C, 2H, 2W)
+
+    def forward_rows(self, x, r0, r1):
+        """Rows r0..r1 of forward(x): output row r comes from input row r // 2 alone."""
+        q0 = r0 // 2
+        y = self.deconv(x[:, :, q0:r1 // 2 + 1])             # (B, C, 2 * rows + 1, 2W + fw - 1)
+        return y[:, :, r0 - 2 * q0:r1 - 2 * q0 + 1, self.crop_cols(y.shape[3])]
 
 
-class DownShiftedDeconv2d(nn.Module):
-    """Stride-2 transposed convolution, cropped so that it stays down-shifted: (H, W) -> (2H, 2W)."""
+class DownShiftedDeconv2d(_ShiftedDeconv2d):
+    """Transposed convolution, cropped so that it stays down-shifted (centred horizontally)."""
 
     def __init__(self, in_channels, out_channels, filter_size=(2, 3), stride=(2, 2)):
-        super().__init__()
-        self.filter_size = filter_size
-        # dim=1: a transposed convolution stores (in, out, kh, kw), and the paper normalises per
-        # output channel.
-        self.deconv = weight_norm(
-            nn.ConvTranspose2d(in_channels, out_channels, filter_size, stride, output_padding=1),
-            dim=1)
+        super().__init__(in_channels, out_channels, filter_size, stride)
 
-    def forward(self, x):
-        fh, fw = self.filter_size
-        x = self.deconv(x)                                   # (B, C, 2H + fh - 1, 2W + fw - 1)
-        h, w = x.shape[-2:]
-        return x[:, :, :h - fh + 1, (fw - 1) // 2:w - (fw - 1) // 2]   # (B, C, 2H, 2W)
+    def crop_cols(self, width):
+        side = (self.filter_size[1] - 1) // 2
+        return slice(side, width - side)
 
 
-class DownRightShiftedDeconv2d(nn.Module):
-    """Stride-2 transposed convolution, cropped so that it stays down-right-shifted."""
+class DownRightShiftedDeconv2d(_ShiftedDeconv2d):
+    """Transposed convolution, cropped so that it stays down-right-shifted."""
 
     def __init__(self, in_channels, out_channels, filter_size=(2, 2), stride=(2, 2)):
-        super().__init__()
-        self.filter_size = filter_size
-        # dim=1: a transposed convolution stores (in, out, kh, kw), and the paper normalises per
-        # output channel.
-        self.deconv = weight_norm(
-            nn.ConvTranspose2d(in_channels, out_channels, filter_size, stride, output_padding=1),
-            dim=1)
+        super().__init__(in_channels, out_channels, filter_size, stride)
 
-    def forward(self, x):
-        fh, fw = self.filter_size
-        x = self.deconv(x)                                   # (B, C, 2H + fh - 1, 2W + fw - 1)
-        h, w = x.shape[-2:]
-        return x[:, :, :h - fh + 1, :w - fw + 1]             # (B, C, 2H, 2W)
+    def crop_cols(self, width):
+        return slice(0, width - self.filter_size[1] + 1)
 
 
 class NIN(nn.Module):
@@ -157,12 +185,32 @@ class GatedResNet(nn.Module):
         h = self.conv_input(concat_elu(x))                   # (B, F, H, W)
         if a is not None:
             h = h + self.nin_skip(concat_elu(a))
-        h = concat_elu(h)                                    # (B, 2F, H, W)
-        if self.cond_proj is not None and self.fusion == "film":
-            gamma, beta = self.cond_proj(cond)[:, :, None, None].chunk(2, dim=1)   # (B, 2F, 1, 1) each
-            h = h * (1 + gamma) + beta
-        h = self.conv_out(self.dropout(h))                   # (B, 2F, H, W)
+        h = self._film(concat_elu(h), cond)                  # (B, 2F, H, W)
+        return x + self._gate(self.conv_out(self.dropout(h)), cond)
+
+    def forward_rows(self, x, r0, r1, store, a_rows=None, cond=None):
+        """Rows r0..r1 of forward(x, a, cond) in eval mode, for the cached sampler.
+
+        x: the block's full input (B, F, H, W), final above row r0; a_rows: rows r0..r1 of the skip
+        input; store(rows, r0, H): writes rows into this block's cache of hidden features and
+        returns the whole cache, whose rows above r0 are final from earlier calls.
+        """
+        assert not self.training, "forward_rows skips dropout: call model.eval() first"
+        h = self.conv_input.forward_rows(x, r0, r1, pre=concat_elu)    # (B, F, n, W)
+        if a_rows is not None:
+            h = h + self.nin_skip(concat_elu(a_rows))
+        hidden = store(self._film(concat_elu(h), cond), r0, x.shape[2])  # (B, 2F, H, W)
+        return x[:, :, r0:r1 + 1] + self._gate(self.conv_out.forward_rows(hidden, r0, r1), cond)
+
+    def _film(self, h, cond):
+        if self.cond_proj is None or self.fusion != "film":
+            return h
+        gamma, beta = self.cond_proj(cond)[:, :, None, None].chunk(2, dim=1)   # (B, 2F, 1, 1) each
+        return h * (1 + gamma) + beta
+
+    def _gate(self, h, cond):
+        """(B, 2F, H, W) -> (B, F, H, W): the value half times the sigmoid of the gate half."""
         if self.cond_proj is not None and self.fusion == "gated":
             h = h + self.cond_proj(cond)[:, :, None, None]
         value, gate = h.chunk(2, dim=1)                      # (B, F, H, W) each
-        return x + value * torch.sigmoid(gate)
+        return value * torch.sigmoid(gate)

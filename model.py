@@ -160,6 +160,82 @@ class PixelCNN(nn.Module):
             ul = ul + self.late_proj(cond)[:, :, None, None]
         return self.nin_out(F.elu(ul))
 
+    def forward_rows(self, cache, lo, hi, u_cached=False):
+        """Rows lo..hi of forward(cache.x, labels), recomputing only those rows of every layer
+        (and the matching rows at 1/2 and 1/4 resolution) from the cached rows above.
+
+        The reference `forward` stays the straightforward path; this one serves the cached sampler
+        (`utils.sample_fast`), and tests hold the two equal. Valid when every layer's rows above
+        `lo` are final, which holds when the caller moves down the image in raster order and
+        recomputes rows lo = i - 1 .. i on the first pixel of each row i. The `u` stream sees only
+        the rows above, so within a row it does not change: u_cached=True reuses it.
+        Returns (B, mixture channels, hi - lo + 1, W).
+        """
+        x, cond, H = cache.x, cache.cond, cache.x.shape[2]
+
+        def band(f):
+            return lo // f, hi // f
+
+        def run_u(key, compute, r0, height):
+            """The u stream's output for `key`: from the cache, or recomputed at rows r0.."""
+            return cache[key] if u_cached else cache.store(key, compute(), r0, height)
+
+        r0, r1 = band(1)
+
+        def u_init_rows():
+            u_init = cache.store("u_init", self.u_init.forward_rows(x, r0, r1), r0, H)
+            u = _down_shift_rows(u_init, r0, r1)                                # (B, F, n, W)
+            return u + self.early_proj(cond)[:, :, None, None].chunk(2, dim=1)[0] \
+                if self.early_proj is not None else u
+
+        u = run_u("u", u_init_rows, r0, H)                                      # (B, F, H, W)
+        ul_up = cache.store("ul_up", self.ul_init_up.forward_rows(x, r0, r1), r0, H)
+        ul = _down_shift_rows(ul_up, r0, r1) + right_shift(self.ul_init_left.forward_rows(x, r0, r1))
+        if self.early_proj is not None:
+            ul = ul + self.early_proj(cond)[:, :, None, None].chunk(2, dim=1)[1]
+        ul = cache.store("ul", ul, r0, H)
+
+        u_skips, ul_skips = [u], [ul]
+        for stage in range(3):
+            r0, r1 = band(2 ** stage)
+            h = H >> stage
+            for u_blk, ul_blk in zip(self.up_u[stage], self.up_ul[stage]):
+                u = run_u(u_blk, lambda: u_blk.forward_rows(u, r0, r1, cache.store_for(u_blk),
+                                                            cond=cond), r0, h)
+                ul = cache.store(ul_blk, ul_blk.forward_rows(ul, r0, r1, cache.store_for(ul_blk),
+                                                             u[:, :, r0:r1 + 1], cond), r0, h)
+                u_skips.append(u)
+                ul_skips.append(ul)
+            if stage < 2:
+                q0, q1 = band(2 ** (stage + 1))
+                down_u, down_ul = self.downsize_u[stage], self.downsize_ul[stage]
+                u = run_u(down_u, lambda: down_u.forward_rows(u, q0, q1), q0, h // 2)
+                ul = cache.store(down_ul, down_ul.forward_rows(ul, q0, q1), q0, h // 2)
+                u_skips.append(u)
+                ul_skips.append(ul)
+
+        u, ul = u_skips.pop(), ul_skips.pop()
+        for stage in range(3):
+            r0, r1 = band(4 >> stage)
+            h = H // (4 >> stage)
+            for u_blk, ul_blk in zip(self.down_u[stage], self.down_ul[stage]):
+                a_u = u_skips.pop()[:, :, r0:r1 + 1]
+                u = run_u(u_blk, lambda: u_blk.forward_rows(u, r0, r1, cache.store_for(u_blk),
+                                                            a_u, cond), r0, h)
+                a_ul = torch.cat([u[:, :, r0:r1 + 1], ul_skips.pop()[:, :, r0:r1 + 1]], dim=1)
+                ul = cache.store(ul_blk, ul_blk.forward_rows(ul, r0, r1, cache.store_for(ul_blk),
+                                                             a_ul, cond), r0, h)
+            if stage < 2:
+                q0, q1 = band(2 >> stage)
+                up_u, up_ul = self.upsize_u[stage], self.upsize_ul[stage]
+                u = run_u(up_u, lambda: up_u.forward_rows(u, q0, q1), q0, 2 * h)
+                ul = cache.store(up_ul, up_ul.forward_rows(ul, q0, q1), q0, 2 * h)
+
+        ul = ul[:, :, lo:hi + 1]
+        if self.late_proj is not None:
+            ul = ul + self.late_proj(cond)[:, :, None, None]
+        return self.nin_out(F.elu(ul))
+
     def get_extra_state(self):
         return dict(self.config)
 
@@ -180,6 +256,37 @@ class PixelCNN(nn.Module):
         model = cls(**config)
         model.load_state_dict(state_dict)
         return model
+
+
+class RowCache:
+    """What `PixelCNN.forward_rows` keeps between calls: the input x (B, C+1, H, W) with its
+    channel of ones, the class embedding, and the full-size output of every layer, by layer."""
+
+    def __init__(self, model, x, labels):
+        self.x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)             # (B, C+1, H, W)
+        self.cond = model.embedding(labels) if model.embedding is not None else None
+        self.layers = {}
+
+    def __getitem__(self, key):
+        return self.layers[key]
+
+    def store(self, key, rows, r0, height):
+        """Write `rows` at row r0 of the cached output of `key` and return the whole of it."""
+        if key not in self.layers:
+            self.layers[key] = rows.new_zeros(*rows.shape[:2], height, rows.shape[3])
+        full = self.layers[key]
+        full[:, :, r0:r0 + rows.shape[2]] = rows
+        return full
+
+    def store_for(self, block):
+        """The `store` a GatedResNet uses for its hidden features."""
+        return lambda rows, r0, height: self.store((block, "hidden"), rows, r0, height)
+
+
+def _down_shift_rows(full, r0, r1):
+    """Rows r0..r1 of down_shift(full), read from rows r0-1..r1-1."""
+    rows = full[:, :, max(r0 - 1, 0):r1]
+    return F.pad(rows, (0, 0, 1, 0)) if r0 == 0 else rows
 
 
 def _architecture(config):

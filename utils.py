@@ -131,29 +131,63 @@ def quantize(x):
     return torch.round((x + 1) * 127.5) / 127.5 - 1
 
 
+def _sampling_noise(B, nr_mix, obs, generator, device):
+    """All uniform draws of one sampling run, made up front: u_mix (B, K, H, W), u_val (B, C, H, W).
+
+    Any sampler that consumes them pixel by pixel produces the same images."""
+    C, H, W = obs
+    u_mix = torch.rand(B, nr_mix, H, W, generator=generator, device=device)
+    u_val = torch.rand(B, C, H, W, generator=generator, device=device)
+    return u_mix, u_val
+
+
+def _sample_pixel(l, nr_mix, u_mix, u_val, i, j):
+    """Draw pixel (i, j) from its mixture parameters l (B, 10K, 1, 1), on the 256-level grid."""
+    pixel = sample_from_discretized_mix_logistic(
+        l, nr_mix, u_mix[:, :, i:i + 1, j:j + 1], u_val[:, :, i:i + 1, j:j + 1])
+    return quantize(pixel)                                               # (B, C, 1, 1)
+
+
 @torch.inference_mode()
 def sample(model, labels, obs=(3, 32, 32), generator=None, progress=False):
     """Class-conditional autoregressive sampling, the straightforward way: one full forward pass
     per pixel, in raster order. labels: int64 (B,). Returns (B, *obs) in [-1, 1] on the 256-level
-    grid.
-
-    All random draws are made up front from `generator`, one per pixel, so any sampler that
-    consumes them pixel by pixel produces the same images.
+    grid. The reference for `sample_fast`; call model.eval() first, or dropout stays on.
     """
     C, H, W = obs
-    B = labels.shape[0]
-    device = labels.device
     nr_mix = model.nr_logistic_mix
-    u_mix = torch.rand(B, nr_mix, H, W, generator=generator, device=device)
-    u_val = torch.rand(B, C, H, W, generator=generator, device=device)
-    x = torch.zeros(B, C, H, W, device=device)
-    for i in tqdm(range(H), desc="sampling rows", disable=not progress):
+    u_mix, u_val = _sampling_noise(labels.shape[0], nr_mix, obs, generator, labels.device)
+    x = torch.zeros(labels.shape[0], C, H, W, device=labels.device)
+    for i in tqdm(range(H), desc="sampling rows", disable=not progress, leave=False):
         for j in range(W):
             l = model(x, labels)[:, :, i:i + 1, j:j + 1]                 # (B, 10K, 1, 1)
-            pixel = sample_from_discretized_mix_logistic(
-                l, nr_mix, u_mix[:, :, i:i + 1, j:j + 1], u_val[:, :, i:i + 1, j:j + 1])
-            x[:, :, i:i + 1, j:j + 1] = quantize(pixel)
+            x[:, :, i:i + 1, j:j + 1] = _sample_pixel(l, nr_mix, u_mix, u_val, i, j)
     return x
+
+
+@torch.inference_mode()
+def sample_fast(model, labels, obs=(3, 32, 32), generator=None, progress=False):
+    """The same samples as `sample`, given the same generator, many times faster.
+
+    Instead of a full forward pass per pixel, every layer recomputes only the row the new pixel
+    can change (and that row at 1/2 and 1/4 resolution), reading the rows above from a cache:
+    `PixelCNN.forward_rows`, after Ramachandran et al. (2017), "Fast Generation for Convolutional
+    Autoregressive Models". On the first pixel of a row the row above is refreshed too, because
+    its last pixel was written after it was last computed.
+    """
+    from model import RowCache   # utils stays importable without the model module's layers
+    if model.training:
+        raise ValueError("sample_fast needs model.eval(): the cached path has no dropout")
+    C, H, W = obs
+    nr_mix = model.nr_logistic_mix
+    u_mix, u_val = _sampling_noise(labels.shape[0], nr_mix, obs, generator, labels.device)
+    cache = RowCache(model, torch.zeros(labels.shape[0], C, H, W, device=labels.device), labels)
+    for i in tqdm(range(H), desc="sampling rows", disable=not progress, leave=False):
+        for j in range(W):
+            lo = i - 1 if (j == 0 and i > 0) else i
+            l = model.forward_rows(cache, lo, i, u_cached=j > 0)[:, :, -1:, j:j + 1]   # (B, 10K, 1, 1)
+            cache.x[:, :C, i:i + 1, j:j + 1] = _sample_pixel(l, nr_mix, u_mix, u_val, i, j)
+    return cache.x[:, :C].clone()
 
 
 def class_log_likelihoods(model, x, num_classes, batch_size=None):

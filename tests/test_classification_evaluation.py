@@ -1,0 +1,299 @@
+"""classification_evaluation.py against an independent computation: the accuracy, per-class
+accuracy, macro F1 and confusion matrix it prints, the submission and logits it writes, flip TTA,
+the course's `get_label` hook, and the errors a bad checkpoint gives.
+
+"Independent" means a per-class loop written here: run the model once per class c with every label
+set to c, take `discretized_mix_logistic_loss(..., reduction="none")`, argmax over classes of the
+negative NLL, and count with numpy. The checkpoint is a tiny PixelCNN with perturbed weights saved
+as a plain state_dict, the format pcnn_train.py writes. The script runs in a fresh process on the
+real CPEN455 validation and test splits; the whole file takes 45-50 s on two busy CPU cores
+(load average 5):
+
+    python -m pytest tests/test_classification_evaluation.py -q --durations=5
+"""
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import classification_evaluation as ce
+from dataset import load_dataset
+from model import PixelCNN
+from utils import dataset_log_likelihoods, discretized_mix_logistic_loss
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "cpen455"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"needs the CPEN455 data at {DATA}")
+
+TINY = dict(nr_resnet=1, nr_filters=4, nr_logistic_mix=2)   # ~10 s per CLI run on 519 images
+NUM_CLASSES = 4
+SPLIT_SIZE = 519                  # validation and test both hold 519 images
+MIN_MARGIN = 1e-2                 # nats; batching changes log p(x|c) by far less than this
+LL_ATOL = 1e-2                    # nats, on log-likelihoods of about -3000 nats per image
+# Small tensors gain nothing from threads; on two busy cores two threads made a CLI run 3x slower.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def tiny_model(seed=0, **kwargs):
+    """A tiny PixelCNN, every parameter moved off its initialisation so the classes differ."""
+    torch.manual_seed(seed)
+    model = PixelCNN(**(TINY | kwargs)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@torch.no_grad()
+def per_class_log_likelihoods(model, images, chunk=64):
+    """log p(x | c) by a plain loop over classes: (N, C, H, W) -> (N, classes), float64."""
+    columns = []
+    for c in range(model.num_classes):
+        nll = [discretized_mix_logistic_loss(x, model(x, torch.full((x.shape[0],), c)),
+                                             reduction="none")
+               for x in images.split(chunk)]
+        columns.append(-torch.cat(nll).double())
+    return torch.stack(columns, dim=1)                                    # (N, classes)
+
+
+def assert_clear_margins(ll):
+    """The argmax must not hinge on float noise, or a correct script could disagree with us."""
+    top2 = ll.topk(2, dim=1).values
+    margin = (top2[:, 0] - top2[:, 1]).min().item()
+    assert margin > MIN_MARGIN, f"a near tie ({margin:.2g} nats) makes the check flaky; reseed"
+
+
+def evaluate(checkpoint, out_dir, *extra):
+    """Run classification_evaluation.py in a fresh process on the CPU."""
+    cmd = [sys.executable, "classification_evaluation.py", "--checkpoint", str(checkpoint),
+           "-i", str(DATA), "--out_dir", str(out_dir), "--device", "cpu", *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=ONE_THREAD_ENV)
+
+
+def evaluate_in_process(checkpoint, tmp_path):
+    """main() of the script on a bad checkpoint: returns the message it exits with. Any other
+    exception escapes, which on the command line is a traceback."""
+    args = ce.build_parser().parse_args(["--checkpoint", str(checkpoint), "-i", str(DATA),
+                                         "--out_dir", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        ce.main(args)
+    return str(exit_info.value.code)
+
+
+def assert_one_line_error(message, *needles):
+    assert "\n" not in message.strip() and message.startswith("error: "), message
+    assert "Traceback" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def numpy_report(labels, predictions, num_classes):
+    """Accuracy, recall per class, macro F1 (0 where precision + recall is 0) and confusion."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    tp = np.diag(confusion).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.nan_to_num(tp / confusion.sum(axis=1))
+        precision = np.nan_to_num(tp / confusion.sum(axis=0))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return (labels == predictions).mean(), recall, f1.mean(), confusion
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "conditional_pixelcnn.pth"
+    torch.save(tiny_model().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    """The checkpoint loaded without classification_evaluation.load_model."""
+    return PixelCNN.from_state_dict(torch.load(checkpoint)).eval()
+
+
+@pytest.fixture(scope="module")
+def validation():
+    return load_dataset("cpen455", DATA, "validation")
+
+
+# --------------------------------------------------------------------------- labelled split
+
+@needs_data
+def test_validation_report_matches_independent_count(checkpoint, model, validation, tmp_path):
+    proc = evaluate(checkpoint, tmp_path, "-m", "validation")
+    assert proc.returncode == 0, proc.stderr
+
+    ll = per_class_log_likelihoods(model, validation.images)              # (519, 4)
+    assert_clear_margins(ll)
+    labels, predictions = validation.labels.numpy(), ll.argmax(dim=1).numpy()
+    assert len(set(predictions)) > 1, "a model that predicts one class tests little"
+    accuracy, recall, macro_f1, confusion = numpy_report(labels, predictions, NUM_CLASSES)
+
+    printed = float(re.search(r"^Accuracy: (\S+)$", proc.stdout, re.M).group(1))
+    assert round(printed * SPLIT_SIZE) == (labels == predictions).sum()
+    assert printed == pytest.approx(accuracy, rel=1e-12)
+
+    for name, r in zip(validation.class_names, recall):
+        shown = float(re.search(rf"^\s*{name}: ([\d.]+)%$", proc.stdout, re.M).group(1))
+        assert shown == pytest.approx(100 * r, abs=0.0051)
+    shown_f1 = float(re.search(r"^macro F1: ([\d.]+)$", proc.stdout, re.M).group(1))
+    assert shown_f1 == pytest.approx(macro_f1, abs=5.1e-5)
+
+    block = proc.stdout.split("confusion matrix (rows: true, columns: predicted):")[1]
+    block = block.split("confusion matrix ->")[0]
+    shown_confusion = np.array([int(v) for v in re.findall(r"\d+", block)]).reshape(4, 4)
+    assert shown_confusion.sum() == SPLIT_SIZE
+    np.testing.assert_array_equal(shown_confusion, confusion)
+
+    png = tmp_path / "confusion_validation.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(png) in proc.stdout
+
+
+# ------------------------------------------------------------------------- unlabelled split
+
+@needs_data
+def test_test_split_writes_submission_and_flip_logits(checkpoint, model, tmp_path):
+    """--mode test --tta flip: submission rows in test.csv order, logits = log p(x|c) +
+    log p(mirror(x)|c), labels = their argmax."""
+    proc = evaluate(checkpoint, tmp_path, "-m", "test", "--tta", "flip")
+    assert proc.returncode == 0, proc.stderr
+
+    with open(DATA / "test.csv", newline="") as f:
+        expected_ids = [row[0].removeprefix("test/") for row in csv.reader(f)]
+    assert len(expected_ids) == SPLIT_SIZE
+    lines = (tmp_path / "submission.csv").read_text().splitlines()
+    assert lines[0] == "id,label" and len(lines) == SPLIT_SIZE + 1
+    ids, labels = zip(*(line.split(",") for line in lines[1:]))
+    assert list(ids) == expected_ids
+    labels = np.array([int(v) for v in labels])
+    assert set(labels) <= set(range(NUM_CLASSES))
+
+    logits = np.load(tmp_path / "logits.npy")
+    assert logits.shape == (SPLIT_SIZE, NUM_CLASSES)
+    np.testing.assert_array_equal(logits.argmax(axis=1), labels)
+
+    # every 8th row, spread over the whole file: enough to catch rows out of order, 8x cheaper
+    rows = slice(None, None, 8)
+    images = load_dataset("cpen455", DATA, "test").images[rows]
+    expected = (per_class_log_likelihoods(model, images)
+                + per_class_log_likelihoods(model, images.flip(dims=[3])))
+    np.testing.assert_allclose(logits[rows], expected.numpy(), rtol=1e-5, atol=LL_ATOL)
+
+
+@needs_data
+def test_flip_tta_adds_the_mirror_image(model, validation):
+    x = validation.images[:6]
+    plain = per_class_log_likelihoods(model, x)
+    mirrored = per_class_log_likelihoods(model, x.flip(dims=[3]))
+    tta = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, tta="flip")
+    torch.testing.assert_close(tta.double(), plain + mirrored, rtol=1e-5, atol=LL_ATOL)
+    none = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, tta="none")
+    torch.testing.assert_close(none.double(), plain, rtol=1e-5, atol=LL_ATOL)
+    assert (mirrored - plain).abs().max() > 1, "the mirror images scored like the originals"
+
+
+@needs_data
+def test_get_label_is_the_independent_argmax(model, validation):
+    x = validation.images[:10]
+    ll = per_class_log_likelihoods(model, x)
+    assert_clear_margins(ll)
+    labels = ce.get_label(model, x, "cpu")
+    assert labels.dtype == torch.int64 and labels.shape == (10,)
+    assert torch.equal(labels, ll.argmax(dim=1))
+
+
+def test_classification_report_by_hand():
+    """confusion (rows: truth) [[1,1,0,0],[0,2,0,0],[0,0,0,1],[0,0,0,1]]: recall 1/2, 1, 0, 1;
+    precision 1, 2/3, 0 (nothing predicted), 1/2; F1 2/3, 4/5, 0, 2/3; macro F1 8/15."""
+    labels = torch.tensor([0, 0, 1, 1, 2, 3])
+    predictions = torch.tensor([0, 1, 1, 1, 3, 3])
+    report = ce.classification_report(labels, predictions, NUM_CLASSES)
+    assert report["accuracy"] == pytest.approx(4 / 6)
+    assert report["per_class"] == pytest.approx([1 / 2, 1, 0, 1])
+    assert report["macro_f1"] == pytest.approx(8 / 15)
+    assert report["confusion"].tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1]]
+
+    _, recall, macro_f1, _ = numpy_report(labels.numpy(), predictions.numpy(), NUM_CLASSES)
+    assert report["per_class"] == pytest.approx(recall)
+    assert report["macro_f1"] == pytest.approx(macro_f1)
+
+
+# ----------------------------------------------------------------------------------- errors
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "nowhere.pth"
+    proc = evaluate(missing, tmp_path)
+    assert proc.returncode != 0
+    assert_one_line_error(proc.stderr, str(missing))
+
+
+def test_tensor_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    assert_one_line_error(evaluate_in_process(path, tmp_path), str(path), "state_dict")
+
+
+def test_state_dict_without_config_is_a_clear_error(checkpoint, tmp_path):
+    state = torch.load(checkpoint)
+    del state["_extra_state"]
+    path = tmp_path / "no_config.pth"
+    torch.save(state, path)
+    assert_one_line_error(evaluate_in_process(path, tmp_path), "_extra_state")
+
+
+def test_course_loading_names_both_architectures(checkpoint):
+    """The course builds the model by hand, then load_state_dict(torch.load(path))."""
+    course = PixelCNN(nr_resnet=1, nr_filters=40, input_channels=3, nr_logistic_mix=5)
+    with pytest.raises((ValueError, RuntimeError)) as err:
+        course.load_state_dict(torch.load(checkpoint))
+    message = str(err.value)
+    assert "nr_filters=4," in message and "nr_logistic_mix=2," in message
+    assert "nr_filters=40," in message and "nr_logistic_mix=5," in message
+
+
+def _lfs_pointer(path, _):
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+
+
+def _truncated(path, checkpoint):
+    path.write_bytes(checkpoint.read_bytes()[:20_000])
+
+
+def _missing_tensor(path, checkpoint):
+    state = torch.load(checkpoint)
+    del state["embedding.weight"]
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(_lfs_pointer, id="git-lfs-pointer"),
+    pytest.param(_truncated, id="truncated-download"),
+    pytest.param(_missing_tensor, id="state-dict-missing-a-tensor"),
+])
+def test_unreadable_checkpoint_is_a_clear_error(make, checkpoint, tmp_path):
+    """Files that are not a loadable checkpoint give `error: <path> ...`, not a traceback."""
+    path = tmp_path / "bad.pth"
+    make(path, checkpoint)
+    assert_one_line_error(evaluate_in_process(path, tmp_path), str(path))
