@@ -1,0 +1,320 @@
+"""Tests for generation_evaluation.py: the Fréchet distance against closed forms and an independent
+eigendecomposition, the whole pipeline against pytorch-fid's own `calculate_fid_given_paths` (the
+course's grading call), `my_sample`'s files, and the script end to end offline, including every
+way FID can fail. pytorch-fid's Inception architecture with random weights stands in for the real
+weights (no internet here); a tiny PixelCNN samples the 100 images with the cached sampler. The end-to-end run dominates
+the time: its floor is the Inception pass over 619 images at 299x299, about 90 ms an image on one
+core:
+
+    python -m pytest tests/test_generation_evaluation.py -q --durations=5
+"""
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from pytorch_fid import inception as fid_inception
+from pytorch_fid.fid_score import calculate_fid_given_paths
+
+import generation_evaluation as ge
+from dataset import my_bidict
+from model import PixelCNN
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "cpen455"
+needs_data = pytest.mark.skipif(not (DATA / "test").is_dir(),
+                                reason=f"needs the CPEN455 data at {DATA}")
+WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"   # pytorch-fid's official file name
+SMALL_DIMS = 64            # Inception block 0 only: the cheapest features, for the unit tests
+SIZE = 32                  # side of sampled images in the script runs: the course's size
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A tiny PixelCNN gains nothing from threads, and on a busy two-core machine the thread
+    handoffs made each of its forward passes twenty times slower (0.3 s instead of 0.015 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+    """pytorch-fid's FID Inception with random weights, saved as the official file name.
+
+    fid_inception_v3() builds the architecture, then loads the downloaded weights; with the
+    download and the load stubbed out, its own construction is all that runs.
+    """
+    with mock.patch.object(fid_inception, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(torchvision.models.Inception3, "load_state_dict",
+                              lambda self, state_dict: None):
+        torch.manual_seed(0)
+        net = fid_inception.fid_inception_v3()
+    path = tmp_path_factory.mktemp("fid") / WEIGHTS_NAME
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny PixelCNN saved the way pcnn_train.py saves models: a plain state_dict."""
+    torch.manual_seed(0)
+    model = PixelCNN(nr_resnet=1, nr_filters=4, nr_logistic_mix=2)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def copy_images(src, dst, n):
+    """The first n JPEGs of a CPEN455 split folder, copied into dst."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("*.jpg"))[:n]:
+        shutil.copy(f, dst / f.name)
+    return dst
+
+
+def run_script(*args, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}   # see one_thread
+    return subprocess.run([sys.executable, "generation_evaluation.py", *map(str, args)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def script_args(**overrides):
+    """The script's flags as main() receives them, with the defaults of its parser."""
+    args = dict(checkpoint=ge.DEFAULT_CHECKPOINT, gen_data_dir="samples", ref_data_dir="data/test",
+                n_per_class=ge.SAMPLES_PER_CLASS, image_size=ge.IMAGE_SIZE, dims=ge.FID_DIMS,
+                batch_size=ge.FID_BATCH_SIZE, fid_weights=None, skip_fid=False, seed=0,
+                device="cpu")
+    return Namespace(**(args | overrides))
+
+
+def sample_names(n_per_class):
+    return sorted(f"{name}_{i:02d}.png" for name in my_bidict for i in range(n_per_class))
+
+
+def independent_frechet(mu1, s1, mu2, s2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) by symmetric eigendecompositions: the trace
+    of (S1 S2)^(1/2) is the sum of square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2)."""
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+                 - 2 * np.sum(np.sqrt(np.clip(middle, 0, None))))
+
+
+# --------------------------------------------------------------------------- Fréchet distance
+
+def test_frechet_distance_of_diagonal_gaussians_has_closed_form():
+    """For diagonal covariances FID = ||mu1 - mu2||^2 + sum (sqrt(v1) - sqrt(v2))^2."""
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    v1, v2 = rng.uniform(0.1, 2, 16), rng.uniform(0.1, 2, 16)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    assert ge.frechet_distance((mu1, np.diag(v1)), (mu2, np.diag(v2))) == pytest.approx(expected,
+                                                                                          rel=1e-9)
+
+
+def test_frechet_distance_matches_independent_eigendecomposition():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(500, 32)) @ rng.normal(size=(32, 32))
+    b = rng.normal(size=(400, 32)) @ rng.normal(size=(32, 32)) + 0.5
+    stats_a = (a.mean(0), np.cov(a, rowvar=False))
+    stats_b = (b.mean(0), np.cov(b, rowvar=False))
+    assert ge.frechet_distance(stats_a, stats_b) == pytest.approx(
+        independent_frechet(*stats_a, *stats_b), rel=1e-6)
+    assert abs(ge.frechet_distance(stats_a, stats_a)) < 1e-6
+
+
+def test_imaginary_square_root_raises_a_clear_error():
+    """A covariance with a negative eigenvalue makes sqrtm(S1 S2) imaginary (1j on the diagonal);
+    pytorch-fid's ValueError becomes FIDUndefinedError. Other ValueErrors are not swallowed."""
+    with pytest.raises(ge.FIDUndefinedError, match="Imaginary component"):
+        ge.frechet_distance((np.zeros(2), np.diag([1.0, -1.0])), (np.zeros(2), np.eye(2)))
+    with pytest.raises(AssertionError):   # pytorch-fid asserts on mismatched shapes
+        ge.frechet_distance((np.zeros(2), np.eye(2)), (np.zeros(3), np.eye(3)))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Two small folders of real images: 16 test and 16 validation JPEGs."""
+    if not (DATA / "test").is_dir():
+        pytest.skip(f"needs the CPEN455 data at {DATA}")
+    root = tmp_path_factory.mktemp("folders")
+    return (copy_images(DATA / "test", root / "a", 16),
+            copy_images(DATA / "validation", root / "b", 16))
+
+
+def test_pipeline_equals_pytorch_fid_calculate_fid_given_paths(fid_weights, folders, monkeypatch):
+    """The script's --fid_weights path (hub redirect, file listing, statistics, distance) gives
+    what the course's call gives when torch hub holds the same weights file. The distance also
+    matches the independent formula on these statistics, and a folder against itself is 0."""
+    net = ge.build_fid_inception(SMALL_DIMS, "cpu", fid_weights)
+    files_a, files_b = ge.image_files(folders[0]), ge.image_files(folders[1])
+    assert len(files_a) == len(files_b) == 16
+    stats_a = ge.folder_statistics(files_a, net, SMALL_DIMS, 128, "cpu")
+    stats_b = ge.folder_statistics(files_b, net, SMALL_DIMS, 128, "cpu")
+    ours = ge.frechet_distance(stats_a, stats_b)
+
+    hub = fid_weights.parent / "hub"
+    (hub / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if not (hub / "checkpoints" / WEIGHTS_NAME).exists():
+        (hub / "checkpoints" / WEIGHTS_NAME).symlink_to(fid_weights)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))   # what TORCH_HOME would select
+    course = calculate_fid_given_paths([str(f) for f in folders], 128, "cpu", dims=SMALL_DIMS,
+                                       num_workers=0)
+    assert math.isfinite(ours) and ours > 0
+    assert ours == pytest.approx(course, rel=1e-6)
+    assert ours == pytest.approx(independent_frechet(*stats_a, *stats_b), rel=1e-4)
+    assert abs(ge.frechet_distance(stats_a, stats_a)) < 1e-3
+
+
+def test_fid_weights_of_another_architecture_are_rejected(tmp_path):
+    bad = tmp_path / WEIGHTS_NAME
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ge.FIDWeightsError, match="not a valid copy"):
+        ge.build_fid_inception(SMALL_DIMS, "cpu", bad)
+    with pytest.raises(ge.FIDWeightsError, match=re.escape(ge.FID_WEIGHTS_URL)):
+        ge.build_fid_inception(SMALL_DIMS, "cpu", tmp_path / "missing.pth")
+
+
+# ---------------------------------------------------------------------------------- my_sample
+
+def test_my_sample_writes_named_8bit_pngs_per_class(tmp_path):
+    """A fake sampler: one call for all classes, 25 labels each in class order, the default 32x32
+    shape; every image comes back from its PNG exactly (8-bit, no rounding) under its class's
+    name. Old samples are removed first; other files stay."""
+    gen = tmp_path / "samples"
+    gen.mkdir()
+    for keep in ("README.md", "notes.png", "Class0_grid.png"):
+        (gen / keep).write_text("keep")
+    (gen / "Class3_99.png").write_text("stale")
+    model = PixelCNN(nr_resnet=1, nr_filters=4, nr_logistic_mix=2)
+    calls = []
+
+    def fake_sample_op(model_, labels, obs):
+        levels = torch.randint(0, 256, (labels.shape[0], *obs), dtype=torch.int64)
+        calls.append((model_, labels.clone(), obs, levels))
+        return levels.float() / 127.5 - 1                               # the 256-level grid
+
+    images = ge.my_sample(model, gen, sample_op=fake_sample_op)
+    assert len(calls) == 1
+    model_, labels, obs, levels = calls[0]
+    assert model_ is model and obs == (3, 32, 32)
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == [label for label in my_bidict.values() for _ in range(25)]
+    made = {label: levels[25 * k:25 * (k + 1)] for k, label in enumerate(my_bidict.values())}
+    assert images.shape == (100, 3, 32, 32)
+    kept = ["README.md", "notes.png", "Class0_grid.png"]
+    assert sorted(p.name for p in gen.iterdir()) == sorted(sample_names(25) + kept)
+    for name, label in my_bidict.items():
+        for i in (0, 24):
+            png = np.asarray(Image.open(gen / f"{name}_{i:02d}.png"))      # (H, W, 3) uint8
+            assert png.shape == (32, 32, 3)
+            np.testing.assert_array_equal(png, made[label][i].permute(1, 2, 0).numpy())
+
+
+# ------------------------------------------------------------------------------- script runs
+
+@needs_data
+def test_end_to_end_offline(tmp_path, checkpoint, fid_weights):
+    """100 samples, the course's two output lines and a grid, against the real 519 test images."""
+    gen = tmp_path / "samples"
+    # Small Inception batches: the statistics do not depend on them, and on one CPU thread they
+    # spare most of the page faults of 128 images' 300 MB activations.
+    r = run_script("--checkpoint", checkpoint, "--gen_data_dir", gen, "--ref_data_dir",
+                   DATA / "test", "--fid_weights", fid_weights, "--image_size", SIZE,
+                   "--batch_size", 8, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in gen.glob("*.png")) == sample_names(25)
+    assert Image.open(gen / "Class2_07.png").size == (SIZE, SIZE)
+    assert "#generated images: 100, #reference images: 519\n" in r.stdout
+    score = re.search(r"^Average fid score: (\S+)$", r.stdout, re.M)
+    assert score and math.isfinite(float(score.group(1))), r.stdout[-2000:]
+    grid = Image.open(ge.grid_path(gen))                   # one row per class, padding 1
+    assert grid.size == (25 * (SIZE + 1) + 1, len(my_bidict) * (SIZE + 1) + 1)
+
+
+def test_without_weights_exits_2_naming_the_file_and_keeps_samples(tmp_path, checkpoint):
+    """An empty torch hub cache and a proxy that refuses connections: no download is possible,
+    with or without internet."""
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    Image.new("RGB", (SIZE, SIZE)).save(ref / "a.png")
+    gen = tmp_path / "samples"
+    r = run_script("--checkpoint", checkpoint, "--gen_data_dir", gen, "--ref_data_dir", ref,
+                   "--n_per_class", 1, "--image_size", SIZE, "--device", "cpu",
+                   env={"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+                        "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""})
+    assert r.returncode == ge.EXIT_NO_WEIGHTS, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    expected_place = tmp_path / "torch" / "hub" / "checkpoints" / WEIGHTS_NAME
+    assert ge.FID_WEIGHTS_URL in r.stderr and str(expected_place) in r.stderr
+    assert "--fid_weights" in r.stderr
+    assert sorted(p.name for p in gen.glob("*.png")) == sample_names(1)
+    assert "Average fid score" not in r.stdout
+
+
+def test_undefined_fid_exits_3_with_a_clear_message(tmp_path, checkpoint, fid_weights, capsys,
+                                                    monkeypatch):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(3):
+        Image.new("RGB", (SIZE, SIZE), (60 * i, 0, 0)).save(ref / f"{i}.png")
+    gen = tmp_path / "samples"
+
+    def imaginary(*args, **kwargs):
+        raise ValueError("Imaginary component 1.0")
+
+    monkeypatch.setattr(ge, "calculate_frechet_distance", imaginary)
+    with pytest.raises(SystemExit) as exit_info:
+        ge.main(script_args(checkpoint=checkpoint, gen_data_dir=gen, ref_data_dir=ref,
+                            n_per_class=2, image_size=SIZE, dims=SMALL_DIMS,
+                            fid_weights=fid_weights))
+    assert exit_info.value.code == ge.EXIT_FID_UNDEFINED
+    out, err = capsys.readouterr()
+    assert "FID is undefined here (Imaginary component 1.0)" in err
+    assert "8 generated images for 64 feature dimensions" in err and "--dims" in err
+    assert "Average fid score" not in out
+    assert sorted(p.name for p in gen.glob("*.png")) == sample_names(2)
+
+
+def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
+    r = run_script("--checkpoint", tmp_path / "nope.pth", "--gen_data_dir", tmp_path / "s",
+                   "--skip_fid")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: no checkpoint at") and "nope.pth" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_reference_fails_before_sampling(tmp_path, checkpoint):
+    gen = tmp_path / "samples"
+    with pytest.raises(SystemExit) as exit_info:
+        ge.main(script_args(checkpoint=checkpoint, gen_data_dir=gen,
+                            ref_data_dir=tmp_path / "no_such_dir", image_size=SIZE))
+    assert str(exit_info.value.code).startswith("error: no reference images in")
+    assert "no_such_dir" in exit_info.value.code
+    assert not gen.exists()
+
+
+def test_skip_fid_only_samples_and_the_seed_makes_it_reproducible(tmp_path, checkpoint):
+    def run(gen, seed):
+        ge.main(script_args(checkpoint=checkpoint, gen_data_dir=gen, n_per_class=1,
+                            image_size=SIZE, skip_fid=True, seed=seed))
+        return {p.name: p.read_bytes() for p in gen.glob("*.png")}
+
+    first, again, other = run(tmp_path / "a", 0), run(tmp_path / "b", 0), run(tmp_path / "c", 1)
+    assert sorted(first) == sample_names(1) and first == again and first != other
