@@ -3,12 +3,19 @@
     python pcnn_train.py --preset cpu                       # 2-core laptop, 30 minutes
     python pcnn_train.py --preset gpu                       # one CUDA GPU, bf16 autocast
     python pcnn_train.py --preset cpu --resume              # continue exactly where it stopped
+    torchrun --nproc_per_node=8 pcnn_train.py --preset gpu  # 8 GPUs, DistributedDataParallel
 
 Each epoch prints train bits/dim, validation bits/dim, the validation accuracy of the Bayes
 classifier argmax_c log p(x | c), wall time and images/s, and appends the same to
 `<run_dir>/log.jsonl`. The best model by validation accuracy (EMA weights when --ema is on) goes to
 `<save_dir>/conditional_pixelcnn.pth`; `<run_dir>/resume.pt` holds everything --resume needs.
 At the end `<run_dir>/curves.png` plots the training curves.
+
+Under torchrun each process (one per GPU with NCCL, or on the CPU with gloo) trains on its own
+slice of every global batch of --batch_size images and DDP averages the gradients, so steps.csv
+matches a one-process run up to float rounding when --dropout and --disc_weight are 0 (each process
+draws its own dropout masks and takes the hybrid term on the first --disc_fraction of its slice).
+Validation is split over the processes; rank 0 alone prints and writes files.
 """
 
 import argparse
@@ -22,19 +29,21 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from dataset import DatasetError, load_dataset, rescaling_inv
 from model import FUSION_MODES, PixelCNN
 from utils import bits_per_dim, class_log_likelihoods, dataset_log_likelihoods, \
-    discretized_mix_logistic_loss, pick_device, sample
+    discretized_mix_logistic_loss, pick_device, sample_fast
 
 BEST_NAME = "conditional_pixelcnn.pth"   # the file the course's evaluation scripts load
 
 # Presets set defaults; any flag given on the command line still wins.
 PRESETS = {
-    "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, batch_size=32, lr=2e-3,
+    "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, batch_size=32, lr=1e-3,
                 warmup_steps=100, lr_decay=0.9998, ema=0.999, dropout=0.1, flip=True,
                 max_minutes=30.0, max_epochs=1000, sampling_interval=0),
     "gpu": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10, batch_size=64, lr=1e-3,
@@ -87,11 +96,19 @@ def lr_factor(step, warmup_steps, lr_decay):
     return warm * lr_decay ** step
 
 
-def evaluate(model, data, args, device, autocast):
-    """Validation bits/dim (under the true label) and Bayes-classifier accuracy, in one pass."""
+def evaluate(model, data, args, device, autocast, rank, world_size):
+    """Validation bits/dim (under the true label) and Bayes-classifier accuracy, in one pass.
+
+    Each of the world_size processes scores a contiguous share of the images; every process gets
+    the joined log-likelihoods, so all of them return the same numbers."""
     model.eval()
-    ll = dataset_log_likelihoods(model, data.images, data.num_classes, args.eval_batch_size,
-                                 device, autocast=autocast)                       # (N, classes)
+    share = data.images.tensor_split(world_size)[rank]
+    ll = dataset_log_likelihoods(model, share, data.num_classes, args.eval_batch_size,
+                                 device, autocast=autocast)                       # (n, classes)
+    if world_size > 1:
+        shares = [None] * world_size
+        dist.all_gather_object(shares, ll)
+        ll = torch.cat(shares)                                                    # (N, classes)
     labels = data.labels
     nll_true = -ll.gather(1, labels[:, None].clamp(min=0)).squeeze(1)
     model.train()
@@ -105,7 +122,7 @@ def save_sample_grid(model, num_classes, n_per_class, obs, path, device, class_n
     model.eval()
     labels = torch.arange(num_classes, device=device).repeat_interleave(n_per_class)
     gen = torch.Generator(device=device).manual_seed(0)
-    images = sample(model, labels, obs, generator=gen, progress=True)
+    images = sample_fast(model, labels, obs, generator=gen, progress=True)
     model.train()
     vutils.save_image(rescaling_inv(images), path, nrow=n_per_class, padding=1)
     print(f"samples ({', '.join(class_names)}, one row each) -> {path}")
@@ -129,8 +146,24 @@ def plot_curves(log, path):
 
 
 def main(args):
-    torch.manual_seed(args.seed)
+    # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without it this is the only process.
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    ddp, master = world_size > 1, rank == 0
+    if args.batch_size % world_size:
+        sys.exit(f"error: --batch_size {args.batch_size} is the global batch and must be "
+                 f"divisible by the {world_size} processes")
+    # Each process draws its own dropout masks; DDP gives every process rank 0's initial weights.
+    torch.manual_seed(args.seed + rank)
     device = pick_device(args.device)
+    if ddp and device.type == "cuda":   # one GPU per process
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    elif ddp and device.type == "cpu":
+        dist.init_process_group("gloo")
+    elif ddp:
+        sys.exit(f"error: multi-process training runs on cuda or cpu, not {device}")
     use_amp = args.amp and device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -139,11 +172,15 @@ def main(args):
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
 
+    if ddp and not master:
+        dist.barrier()   # rank 0 downloads the data if it is missing; the others read it after
     try:
-        train = load_dataset(args.dataset, args.data_dir, "train", download=True)
+        train = load_dataset(args.dataset, args.data_dir, "train", download=master)
         val = load_dataset(args.dataset, args.data_dir, "validation")
     except DatasetError as err:
         sys.exit(f"error: {err}")
+    if ddp and master:
+        dist.barrier()
     obs = tuple(train.images.shape[1:])                                          # (C, H, W)
     num_dims = math.prod(obs)
 
@@ -151,6 +188,9 @@ def main(args):
                      nr_logistic_mix=args.nr_logistic_mix, input_channels=obs[0],
                      num_classes=train.num_classes, fusion=args.fusion,
                      dropout=args.dropout).to(device)
+    fwd_model = torch.compile(model) if args.compile else model
+    if ddp:   # before the EMA copies the weights: wrapping broadcasts rank 0's
+        fwd_model = DDP(fwd_model, device_ids=[local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, args.warmup_steps, args.lr_decay))
@@ -176,59 +216,83 @@ def main(args):
         if ema is not None:
             ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
         data_gen.set_state(ckpt["data_gen"])
-        torch.set_rng_state(ckpt["rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        if len(ckpt["rng"]) == world_size:
+            torch.set_rng_state(ckpt["rng"][rank])
+            if device.type == "cuda" and ckpt["cuda_rng"][rank] is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"][rank])
+        elif master:
+            print(f"note: {resume_path} was written by {len(ckpt['rng'])} processes, this run has "
+                  f"{world_size}: the data order continues exactly, the dropout masks do not")
         epoch, batch_index, step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
         best_acc, log, perm = ckpt["best_acc"], ckpt["log"], ckpt["perm"]
-        print(f"resumed from {resume_path}: epoch {epoch}, batch {batch_index}, step {step}")
+        if master:
+            print(f"resumed from {resume_path}: epoch {epoch}, batch {batch_index}, step {step}")
 
     def save_resume():
-        atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(),
-                         ema=ema.state if ema is not None else None,
-                         data_gen=data_gen.get_state(), rng=torch.get_rng_state(),
-                         cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                         epoch=epoch, batch_index=batch_index, step=step, best_acc=best_acc,
-                         log=log, perm=perm, args=vars(args)), resume_path)
+        # Every process's dropout generators, by rank; everything else is the same on all of them.
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if device.type == "cuda" else None)
+        rngs = [rng] * world_size
+        if ddp:
+            dist.all_gather_object(rngs, rng)
+        if master:
+            atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                             scheduler=scheduler.state_dict(),
+                             ema=ema.state if ema is not None else None,
+                             data_gen=data_gen.get_state(), rng=[r for r, _ in rngs],
+                             cuda_rng=[c for _, c in rngs], epoch=epoch, batch_index=batch_index,
+                             step=step, best_acc=best_acc, log=log, perm=perm, args=vars(args)),
+                        resume_path)
 
     wandb = None
-    if args.en_wandb:
+    if args.en_wandb and master:
         import wandb
         wandb.init(project="cpen455-pixelcnn", config=vars(args), name=args.tag, resume="allow")
 
-    fwd_model = torch.compile(model) if args.compile else model
     n_train = train.images.shape[0]
     batches_per_epoch = n_train // args.batch_size   # drop the ragged last batch
     if batches_per_epoch == 0:
         sys.exit(f"error: --batch_size {args.batch_size} exceeds the {n_train} training images")
+    local_batch = args.batch_size // world_size
+    shard = slice(rank * local_batch, (rank + 1) * local_batch)   # this process's rows of a batch
     start_time = time.time()
     stop_reason = None
-    print(f"training PixelCNN({model.config}) on {device}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    if master:
+        print(f"training PixelCNN({model.config}) on {device}"
+              f"{f' x {world_size} processes' if ddp else ''}, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
     while epoch < args.max_epochs and stop_reason is None:
         if perm is None:
             perm = torch.randperm(n_train, generator=data_gen)
         epoch_start, epoch_nll, epoch_images = time.time(), 0.0, 0
-        bar = tqdm(range(batch_index, batches_per_epoch), desc=f"epoch {epoch + 1}", leave=False)
+        bar = tqdm(range(batch_index, batches_per_epoch), desc=f"epoch {epoch + 1}", leave=False,
+                   disable=not master)
         for i in bar:
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
-            x, y = train.images[idx], train.labels[idx]                          # (B, C, H, W), (B,)
+            # Every process draws the same global batch and flips, then keeps its own slice.
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size][shard]
+            x, y = train.images[idx], train.labels[idx]                          # (b, C, H, W), (b,)
             if args.flip:
-                mirror = torch.rand(x.shape[0], generator=data_gen) < 0.5
+                mirror = (torch.rand(args.batch_size, generator=data_gen) < 0.5)[shard]
                 x = torch.where(mirror[:, None, None, None], x.flip(dims=[3]), x)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
             with autocast():
-                nll = discretized_mix_logistic_loss(x, fwd_model(x, y), reduction="none")  # (B,)
+                nll = discretized_mix_logistic_loss(x, fwd_model(x, y), reduction="none")  # (b,)
+                # The mean over the local batch: DDP averages the gradients over the processes.
                 loss = nll.mean() / num_dims                                     # nats/dim
                 if args.disc_weight > 0:
                     m = max(1, int(args.disc_fraction * x.shape[0]))
                     logits = class_log_likelihoods(fwd_model, x[:m], train.num_classes)
                     loss = loss + args.disc_weight * F.cross_entropy(logits, y[:m])
-            if not torch.isfinite(loss):
-                sys.exit(f"error: non-finite loss ({loss.item()}) at step {step + 1} (epoch "
+            # Global numbers on every process, so the log shows the whole batch and a non-finite
+            # loss stops all of them at the same step.
+            stats = torch.stack([nll.mean(), loss, nll.sum()]).detach()
+            if ddp:
+                dist.all_reduce(stats)
+                stats[:2] /= world_size
+            mean_nll, loss_value, sum_nll = stats.tolist()
+            if not math.isfinite(loss_value):
+                sys.exit(f"error: non-finite loss ({loss_value}) at step {step + 1} (epoch "
                          f"{epoch + 1}); stopping. The last good checkpoints are {best_path} "
                          f"and {resume_path}")
             optimizer.zero_grad(set_to_none=True)
@@ -241,16 +305,23 @@ def main(args):
                 ema.update(model)
             step, batch_index = step + 1, i + 1
 
-            batch_bpd = bits_per_dim(nll.mean().item(), num_dims)
-            epoch_nll += nll.sum().item()
-            epoch_images += x.shape[0]
+            batch_bpd = bits_per_dim(mean_nll, num_dims)
+            epoch_nll += sum_nll
+            epoch_images += args.batch_size
             bar.set_postfix(bpd=f"{batch_bpd:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            with open(run_dir / "steps.csv", "a") as f:
-                f.write(f"{step},{epoch + 1},{batch_bpd:.6f},{loss.item():.8f}\n")
+            if master:
+                with open(run_dir / "steps.csv", "a") as f:
+                    f.write(f"{step},{epoch + 1},{batch_bpd:.6f},{loss_value:.8f}\n")
             if args.max_steps and step >= args.max_steps:
                 stop_reason = f"reached --max_steps {args.max_steps}"
-            elif args.max_minutes and time.time() - start_time >= 60 * args.max_minutes:
-                stop_reason = f"reached --max_minutes {args.max_minutes}"
+            elif args.max_minutes:
+                # Clocks differ between processes: rank 0 decides for all, so none trains alone.
+                out_of_time = torch.tensor(time.time() - start_time >= 60 * args.max_minutes,
+                                           device=device)
+                if ddp:
+                    dist.broadcast(out_of_time, src=0)
+                if out_of_time:
+                    stop_reason = f"reached --max_minutes {args.max_minutes}"
             if stop_reason:
                 break
         bar.close()
@@ -263,39 +334,41 @@ def main(args):
         live = copy.deepcopy(model.state_dict()) if ema is not None else None
         if ema is not None:
             model.load_state_dict(ema.state_dict_of(model))
-        metrics = evaluate(model, val, args, device, autocast)
+        metrics = evaluate(model, val, args, device, autocast, rank, world_size)
         record = dict(epoch=epoch if finished_epoch else epoch + batch_index / batches_per_epoch,
                       step=step, train_bpd=bits_per_dim(epoch_nll / max(epoch_images, 1), num_dims),
                       **metrics, lr=scheduler.get_last_lr()[0], train_seconds=train_seconds,
                       images_per_s=epoch_images / train_seconds, elapsed_min=(time.time() - start_time) / 60)
         log.append(record)
-        print(f"epoch {record['epoch']:.2f} step {step}: train {record['train_bpd']:.4f} bpd, "
-              f"val {metrics['val_bpd']:.4f} bpd, val acc {100 * metrics['val_acc']:.2f}%, "
-              f"{train_seconds:.1f}s, {record['images_per_s']:.1f} img/s")
-        with open(run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if wandb is not None:
-            wandb.log(record, step=step)
-        if metrics["val_acc"] > best_acc:
-            best_acc = metrics["val_acc"]
-            atomic_save(model.state_dict(), best_path)
-            print(f"  new best validation accuracy -> {best_path}")
-        if finished_epoch and args.save_interval and epoch % args.save_interval == 0:
-            atomic_save(model.state_dict(), save_dir / f"pcnn_{args.dataset}_epoch_{epoch}.pth")
-        if finished_epoch and args.sampling_interval and epoch % args.sampling_interval == 0:
-            n = max(1, args.sample_batch_size // train.num_classes)
-            save_sample_grid(model, train.num_classes, n, obs,
-                             Path(args.sample_dir) / f"{args.tag}_epoch_{epoch}.png", device,
-                             train.class_names)
+        if master:   # the other processes hold the same numbers and weights
+            print(f"epoch {record['epoch']:.2f} step {step}: train {record['train_bpd']:.4f} bpd, "
+                  f"val {metrics['val_bpd']:.4f} bpd, val acc {100 * metrics['val_acc']:.2f}%, "
+                  f"{train_seconds:.1f}s, {record['images_per_s']:.1f} img/s")
+            with open(run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if wandb is not None:
+                wandb.log(record, step=step)
+            if metrics["val_acc"] > best_acc:
+                best_acc = metrics["val_acc"]
+                atomic_save(model.state_dict(), best_path)
+                print(f"  new best validation accuracy -> {best_path}")
+            if finished_epoch and args.save_interval and epoch % args.save_interval == 0:
+                atomic_save(model.state_dict(), save_dir / f"pcnn_{args.dataset}_epoch_{epoch}.pth")
+            if finished_epoch and args.sampling_interval and epoch % args.sampling_interval == 0:
+                n = max(1, args.sample_batch_size // train.num_classes)
+                save_sample_grid(model, train.num_classes, n, obs,
+                                 Path(args.sample_dir) / f"{args.tag}_epoch_{epoch}.png", device,
+                                 train.class_names)
         if live is not None:
             model.load_state_dict(live)
         save_resume()
 
-    print(f"done: {stop_reason or f'{args.max_epochs} epochs'}; best validation accuracy "
-          f"{100 * best_acc:.2f}% -> {best_path}")
-    if log:
-        plot_curves(log, run_dir / "curves.png")
-        print(f"training curves -> {run_dir / 'curves.png'}")
+    if master:
+        print(f"done: {stop_reason or f'{args.max_epochs} epochs'}; best validation accuracy "
+              f"{100 * best_acc:.2f}% -> {best_path}")
+        if log:
+            plot_curves(log, run_dir / "curves.png")
+            print(f"training curves -> {run_dir / 'curves.png'}")
     if wandb is not None:
         wandb.finish()
 
@@ -310,7 +383,8 @@ def build_parser():
                    help="dataset; CPEN455 is downloaded into --data_dir when missing")
     p.add_argument("-i", "--data_dir", default="data", help="folder holding the dataset")
     p.add_argument("-o", "--save_dir", default="models", help="where the best model is written")
-    p.add_argument("-sd", "--sample_dir", default="samples", help="where sample grids are written")
+    p.add_argument("-sd", "--sample_dir", default="samples/training",
+                   help="where sample grids are written (a subfolder: FID reads samples/ itself)")
     p.add_argument("--run_dir", default="runs/default",
                    help="log.jsonl, steps.csv, curves.png and resume.pt of this run")
     p.add_argument("-t", "--tag", default="default", help="run name for sample files and wandb")
@@ -322,7 +396,8 @@ def build_parser():
                    help="where the class embedding enters the network")
     p.add_argument("--dropout", type=float, default=0.5, help="dropout in the gated blocks")
     # optimisation
-    p.add_argument("-b", "--batch_size", type=int, default=64, help="images per optimizer step")
+    p.add_argument("-b", "--batch_size", type=int, default=64,
+                   help="images per optimizer step, over all processes under torchrun")
     p.add_argument("-l", "--lr", type=float, default=2e-4, help="Adam learning rate")
     p.add_argument("-e", "--lr_decay", type=float, default=0.999995,
                    help="learning rate multiplied by this after every optimizer step (not epoch)")
@@ -377,4 +452,8 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    finally:
+        if dist.is_initialized():   # also after an error exit, which every process takes together
+            dist.destroy_process_group()
