@@ -72,7 +72,12 @@ def atomic_save(obj, path):
 
 
 class EMA:
-    """Exponential moving average of the model's floating-point state (weights and buffers)."""
+    """Exponential moving average of the model's floating-point state (weights and buffers).
+
+    The decay warms up as min(decay, (1 + step) / (10 + step)), as TensorFlow's
+    ExponentialMovingAverage does with num_updates: with a fixed 0.999 a 30-minute CPU run of
+    ~1000 steps would still hold a third of its random initialisation.
+    """
 
     def __init__(self, model, decay):
         self.decay = decay
@@ -80,10 +85,11 @@ class EMA:
                       if torch.is_tensor(v) and v.is_floating_point()}
 
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, step):
+        decay = min(self.decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
             if k in self.state:
-                self.state[k].lerp_(v, 1 - self.decay)
+                self.state[k].lerp_(v, 1 - decay)
 
     def state_dict_of(self, model):
         """The model's state_dict with the averaged tensors swapped in."""
@@ -302,7 +308,7 @@ def main(args):
             optimizer.step()
             scheduler.step()
             if ema is not None:
-                ema.update(model)
+                ema.update(model, step)
             step, batch_index = step + 1, i + 1
 
             batch_bpd = bits_per_dim(mean_nll, num_dims)

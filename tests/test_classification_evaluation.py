@@ -41,14 +41,6 @@ LL_ATOL = 1e-2                    # nats, on log-likelihoods of about -3000 nats
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------- helpers
 
 def tiny_model(seed=0, **kwargs):

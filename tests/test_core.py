@@ -27,16 +27,6 @@ MIN_LOG_SCALE = -7.0                                  # the paper's clamp, part 
 CONDITIONAL = [f for f in FUSION_MODES if f != "none"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors this small gain nothing from threads, and on a busy two-core machine the thread
-    handoffs made every forward pass ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------- helpers
 
 def tiny_model(seed=0, perturb=True, **kwargs):

@@ -9,15 +9,6 @@ from model import FUSION_MODES, PixelCNN, RowCache
 from utils import sample, sample_fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only add overhead, and CI shares 2 cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_model(fusion="gated", input_channels=3, nr_resnet=2, seed=0):
     """A small eval-mode model with perturbed weights, so every path carries signal."""
     torch.manual_seed(seed)

@@ -42,16 +42,6 @@ SIZE = 32                  # side of sampled images in the script runs: the cour
 
 # ------------------------------------------------------------------------------------- helpers
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny PixelCNN gains nothing from threads, and on a busy two-core machine the thread
-    handoffs made each of its forward passes twenty times slower (0.3 s instead of 0.015 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fid_weights(tmp_path_factory):
     """pytorch-fid's FID Inception with random weights, saved as the official file name.
