@@ -144,3 +144,18 @@ def test_wandb_offline(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     assert any((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_ema_decay_warms_up():
+    """EMA = decay * EMA + (1 - decay) * weights with decay = min(0.999, (1 + step) / (10 + step))."""
+    model = PixelCNN(nr_resnet=1, nr_filters=4, nr_logistic_mix=2)
+    ema = pcnn_train.EMA(model, 0.999)
+    start = model.nin_out.conv.bias.detach().clone()
+    for step, expected_decay in ((0, 0.1), (10_000, 0.999)):
+        before = ema.state["nin_out.conv.bias"].clone()
+        with torch.no_grad():
+            model.nin_out.conv.bias.add_(1.0)
+        ema.update(model, step)
+        torch.testing.assert_close(ema.state["nin_out.conv.bias"],
+                                   expected_decay * before + (1 - expected_decay) * model.nin_out.conv.bias)
+    assert not torch.equal(ema.state["nin_out.conv.bias"], start)
