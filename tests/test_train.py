@@ -91,7 +91,8 @@ def test_checkpoint_rebuilds_in_fresh_process(trained, tmp_path):
         course.load_state_dict(torch.load(ckpt))
         course.eval()
         assert torch.equal(course(x, labels), here)
-    assert torch.equal(torch.load(tmp_path / "out.pt"), here)
+    # A fresh process may use another thread count, which reorders float sums.
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), here, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("text, value", [("False", False), ("false", False), ("0", False),
