@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset import DatasetError, load_dataset
+from dataset import DatasetError, load_dataset, one_line
 from model import PixelCNN
 from utils import class_log_likelihoods, dataset_log_likelihoods, pick_device
 
@@ -37,9 +37,8 @@ def load_model(path, device="cpu"):
     try:
         state_dict = torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (a Git LFS pointer or a "
-                         f"truncated download?): {first_line}") from err
+                         f"truncated download?): {one_line(err)}") from err
     if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
         state_dict = state_dict["model"]                     # a pcnn_train resume file
     if not isinstance(state_dict, dict):
@@ -47,8 +46,7 @@ def load_model(path, device="cpu"):
     try:
         model = PixelCNN.from_state_dict(state_dict)
     except (ValueError, RuntimeError, KeyError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{path}: {first_line}") from err
+        raise ValueError(f"{path}: {one_line(err)}") from err
     return model.to(device).eval()
 
 

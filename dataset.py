@@ -73,7 +73,7 @@ def resize_and_rescale(x, image_size):
     return rescaling(x)
 
 
-def _one_line(err):
+def one_line(err):
     """First line of an exception's message, so errors print as a single `error:` line."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
@@ -183,7 +183,7 @@ def _decode_rgb(path, where):
         with Image.open(path) as image:
             pixels = np.array(image.convert("RGB"))  # (H, W, 3); grayscale -> 3 equal channels
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DatasetError(f"{where}: cannot decode image {path}: {_one_line(err)}") from None
+        raise DatasetError(f"{where}: cannot decode image {path}: {one_line(err)}") from None
     return torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W)
 
 
@@ -286,7 +286,7 @@ def download_cpen455(data_dir, url=DEFAULT_URL):
             os.replace(extracted / name, data_dir / name)
     except (OSError, zipfile.BadZipFile, http.client.HTTPException) as err:
         raise DatasetError(f"could not install the CPEN455 dataset from {url}: "
-                           f"{_one_line(err)}") from None
+                           f"{one_line(err)}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"installed the CPEN455 dataset in {data_dir}")
@@ -315,7 +315,7 @@ def load_dataset(name, data_dir, mode, download=False, image_size=32):
     try:
         tv_dataset = builder(root=str(data_dir), train=mode == "train", download=download)
     except (RuntimeError, OSError) as err:
-        raise DatasetError(f"cannot load {name} from {data_dir}: {_one_line(err)}") from None
+        raise DatasetError(f"cannot load {name} from {data_dir}: {one_line(err)}") from None
     return TensorImageDataset.from_torchvision(tv_dataset)
 
 

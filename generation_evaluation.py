@@ -37,7 +37,7 @@ from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 from torchvision.utils import save_image
 
 from classification_evaluation import DEFAULT_CHECKPOINT, load_model
-from dataset import CLASS_NAMES, my_bidict, rescaling_inv
+from dataset import CLASS_NAMES, my_bidict, one_line, rescaling_inv
 from utils import pick_device, sample_fast
 
 IMAGE_SIZE = 32                 # the course samples and grades 32x32 images
@@ -57,11 +57,6 @@ class FIDWeightsError(Exception):
 
 class FIDUndefinedError(Exception):
     """The Fréchet distance of these statistics is not a real number."""
-
-
-def _one_line(err):
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -154,7 +149,7 @@ def build_fid_inception(dims=FID_DIMS, device="cpu", weights=None):
             net = InceptionV3(block)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
             # OSError covers urllib's URLError and timeouts; the rest is a corrupt cached file.
-            raise FIDWeightsError(weights_help(_one_line(err))) from err
+            raise FIDWeightsError(weights_help(one_line(err))) from err
         return net.to(device).eval()
 
     weights = Path(weights).resolve()
@@ -177,7 +172,7 @@ def build_fid_inception(dims=FID_DIMS, device="cpu", weights=None):
             net = InceptionV3(block)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
             raise FIDWeightsError(f"--fid_weights {weights} is not a valid copy of "
-                                  f"{FID_WEIGHTS_NAME}: {_one_line(err)}") from err
+                                  f"{FID_WEIGHTS_NAME}: {one_line(err)}") from err
         finally:
             torch.hub.set_dir(previous_hub_dir)
     return net.to(device).eval()
@@ -203,7 +198,7 @@ def frechet_distance(stats_gen, stats_ref):
     except ValueError as err:
         if not str(err).startswith("Imaginary component"):
             raise
-        raise FIDUndefinedError(_one_line(err)) from err
+        raise FIDUndefinedError(one_line(err)) from err
     if not math.isfinite(fid):
         raise FIDUndefinedError(f"the distance is {fid}")
     return fid
@@ -218,7 +213,7 @@ def main(args):
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
     except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        sys.exit(f"error: cannot load {args.checkpoint}: {_one_line(err)}")
+        sys.exit(f"error: cannot load {args.checkpoint}: {one_line(err)}")
     if model.num_classes != len(my_bidict):
         sys.exit(f"error: {args.checkpoint} knows {model.num_classes} classes; this script samples "
                  f"the {len(my_bidict)} CPEN455 classes")

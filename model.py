@@ -182,17 +182,17 @@ class PixelCNN(nn.Module):
 
         r0, r1 = band(1)
 
+        early_u, early_ul = (self.early_proj(cond)[:, :, None, None].chunk(2, dim=1)
+                             if self.early_proj is not None else (0, 0))       # (B, F, 1, 1) each
+
         def u_init_rows():
             u_init = cache.store("u_init", self.u_init.forward_rows(x, r0, r1), r0, H)
-            u = _down_shift_rows(u_init, r0, r1)                                # (B, F, n, W)
-            return u + self.early_proj(cond)[:, :, None, None].chunk(2, dim=1)[0] \
-                if self.early_proj is not None else u
+            return _down_shift_rows(u_init, r0, r1) + early_u                  # (B, F, n, W)
 
         u = run_u("u", u_init_rows, r0, H)                                      # (B, F, H, W)
         ul_up = cache.store("ul_up", self.ul_init_up.forward_rows(x, r0, r1), r0, H)
-        ul = _down_shift_rows(ul_up, r0, r1) + right_shift(self.ul_init_left.forward_rows(x, r0, r1))
-        if self.early_proj is not None:
-            ul = ul + self.early_proj(cond)[:, :, None, None].chunk(2, dim=1)[1]
+        ul = (_down_shift_rows(ul_up, r0, r1) + right_shift(self.ul_init_left.forward_rows(x, r0, r1))
+              + early_ul)
         ul = cache.store("ul", ul, r0, H)
 
         u_skips, ul_skips = [u], [ul]
