@@ -10,14 +10,18 @@ Each line prints the straightforward time, the fast time and their ratio, plus p
    slow path is timed on a few pixels and the fast path on whole rows, and both are scaled to
    the 1024 pixels of an image; the tests prove the two draw identical samples.
 2. Classifying the 519 validation images: the course's pattern (a forward pass per class per
-   batch of 32 and a Python loop over images in the loss) against `dataset_log_likelihoods`.
-3. Training step at 40 filters, 1 resnet, 5 mixtures, batch 32: eager against torch.compile.
-Random weights: speed does not depend on them.
+   batch of 32 and a Python loop over images in the loss) against `dataset_log_likelihoods`, in
+   float32 and under bf16 autocast. The bf16 line also counts the predictions that differ from
+   float32, with the shipped model (models/conditional_pixelcnn.pth) when it is there.
+3. Training step at 40 filters, 1 resnet, 5 mixtures, batch 32: float32 eager against bf16
+   autocast (the loss in float32), eager and under torch.compile.
+Speed does not depend on the weights, so the other models are random.
 """
 
 import argparse
 import resource
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +33,7 @@ from utils import dataset_log_likelihoods, discretized_mix_logistic_loss, pick_d
 SIZES = {"40/1/5": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5),
          "160/5/10": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10)}
 DATA = Path(__file__).resolve().parent.parent / "shared" / "cpen455"
+SHIPPED = Path(__file__).resolve().parent / "models" / "conditional_pixelcnn.pth"
 
 
 def sync(device):
@@ -76,10 +81,19 @@ def bench_sampling(device, slow_pixels):
                per_pixel * H * W, per_row * H, device)
 
 
+def bf16(device):
+    """bf16 autocast on `device`, as pcnn_train.py --amp uses it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 @torch.inference_mode()
 def bench_classification(device):
     val = load_dataset("cpen455", DATA, "validation")
-    model = PixelCNN(**SIZES["40/1/5"]).to(device).eval()
+    if SHIPPED.is_file():
+        model = PixelCNN.from_state_dict(torch.load(SHIPPED, map_location="cpu", weights_only=True))
+    else:
+        model = PixelCNN(**SIZES["40/1/5"])
+    model = model.to(device).eval()
 
     def course_pattern():
         """One pass per class per batch of 32, a Python loop over images in the loss."""
@@ -93,6 +107,14 @@ def bench_classification(device):
     slow = timed(course_pattern, device)
     fast = timed(lambda: dataset_log_likelihoods(model, val.images, 4, 32, device), device)
     report("classify 519 validation images, 40/1/5", slow, fast, device)
+    fast_bf16 = timed(lambda: dataset_log_likelihoods(model, val.images, 4, 32, device,
+                                                      autocast=lambda: bf16(device)), device)
+    report("  the same under bf16 autocast", slow, fast_bf16, device)
+    exact = dataset_log_likelihoods(model, val.images, 4, 32, device).argmax(1)
+    rounded = dataset_log_likelihoods(model, val.images, 4, 32, device,
+                                      autocast=lambda: bf16(device)).argmax(1)
+    print(f"  bf16 changes {(exact != rounded).sum().item()} of {len(exact)} predictions "
+          f"({'shipped model' if SHIPPED.is_file() else 'random weights'})", flush=True)
 
 
 def bench_training(device, steps):
@@ -100,13 +122,15 @@ def bench_training(device, steps):
     x = torch.rand(32, 3, 32, 32, device=device) * 2 - 1
     y = torch.randint(0, 4, (32,), device=device)
     results = {}
-    for mode in ("eager", "compile"):
+    for mode in ("fp32 eager", "bf16 eager", "bf16 compile"):
         model = PixelCNN(**SIZES["40/1/5"], dropout=0.5).to(device)
-        forward = torch.compile(model) if mode == "compile" else model
+        forward = torch.compile(model) if "compile" in mode else model
         optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+        autocast = (lambda: bf16(device)) if "bf16" in mode else nullcontext
 
         def step():
-            loss = discretized_mix_logistic_loss(x, forward(x, y))
+            with autocast():
+                loss = discretized_mix_logistic_loss(x, forward(x, y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -115,10 +139,11 @@ def bench_training(device, steps):
         sync(device)
         warmup = time.perf_counter() - start
         results[mode] = 32 / timed(step, device, repeat=steps)
-        print(f"  train step {mode:<8} {results[mode]:8.1f} images/s  (first step {warmup:.1f} s)",
+        print(f"  train step {mode:<12} {results[mode]:8.1f} images/s  (first step {warmup:.1f} s)",
               flush=True)
-    report("train 40/1/5, batch 32 (images/s, higher wins)", 1 / results["eager"],
-           1 / results["compile"], device, unit="s/img")
+    for mode in ("bf16 eager", "bf16 compile"):
+        report(f"train 40/1/5, batch 32, fp32 eager vs {mode}", 1 / results["fp32 eager"],
+               1 / results[mode], device, unit="s/img")
 
 
 def main(args):

@@ -123,6 +123,13 @@ class PixelCNN(nn.Module):
 
         self.nin_out = NIN(nr_filters, mixture_channels(input_channels, nr_logistic_mix))
 
+    def label_parameter_names(self):
+        """Names of the parameters that act only through the label: the class embedding and the
+        weights that project it into the network. (The projections' biases act on every class
+        alike, so they count with the rest of the network.)"""
+        return [name for name, _ in self.named_parameters()
+                if name == "embedding.weight" or name.endswith("proj.weight")]
+
     def forward(self, x, labels):
         """x: (B, C, H, W) in [-1, 1]; labels: int64 (B,). Returns (B, mixture channels, H, W)."""
         cond = self.embedding(labels) if self.embedding is not None else None   # (B, E)

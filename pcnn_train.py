@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from dataset import DatasetError, load_dataset, rescaling_inv
 from model import FUSION_MODES, PixelCNN
-from utils import bits_per_dim, class_log_likelihoods, dataset_log_likelihoods, \
+from utils import bf16_pays, bits_per_dim, dataset_log_likelihoods, \
     discretized_mix_logistic_loss, pick_device, sample_fast
 
 BEST_NAME = "conditional_pixelcnn.pth"   # the file the course's evaluation scripts load
@@ -103,6 +103,41 @@ def lr_factor(step, warmup_steps, lr_decay):
     return warm * lr_decay ** step
 
 
+def training_pass(model, x, y, num_classes, m, label_only_model=None):
+    """The network outputs the training loss needs.
+
+    Returns nll (b,): -log p(x | y) in nats of every image under its own label, and logits
+    (m, num_classes): log p(x | c) of the first m images under every class, for the hybrid term
+    (None when m is 0). The true-label column of the logits reuses the nll pass, so the hybrid
+    term costs m * (num_classes - 1) extra image passes, not m * num_classes.
+
+    label_only_model: the bare PixelCNN behind `model`. When given, the passes under the other
+    labels see every parameter but the label's (PixelCNN.label_parameter_names) detached, so the
+    cross-entropy pushes those likelihoods down through the label pathway alone; the pass under
+    the true label trains everything. Otherwise all passes share one batch.
+    """
+    b = x.shape[0]
+    if m == 0:
+        return discretized_mix_logistic_loss(x, model(x, y), reduction="none"), None
+    others = (y[:m, None] + torch.arange(1, num_classes, device=y.device)) % num_classes  # (m, C-1)
+    x_other = x[:m].repeat_interleave(num_classes - 1, dim=0)              # (m(C-1), C, H, W)
+    if label_only_model is None:
+        xs, ys = torch.cat([x, x_other]), torch.cat([y, others.reshape(-1)])  # (b + m(C-1), ...)
+        nll_all = discretized_mix_logistic_loss(xs, model(xs, ys), reduction="none")
+        nll, nll_other = nll_all[:b], nll_all[b:]                          # (b,), (m(C-1),)
+    else:
+        nll = discretized_mix_logistic_loss(x, model(x, y), reduction="none")          # (b,)
+        keep = set(label_only_model.label_parameter_names())
+        params = {name: p if name in keep else p.detach()
+                  for name, p in label_only_model.named_parameters()}
+        out = torch.func.functional_call(label_only_model, params, (x_other, others.reshape(-1)))
+        nll_other = discretized_mix_logistic_loss(x_other, out, reduction="none")  # (m(C-1),)
+    ll = -torch.cat([nll[:m, None], nll_other.view(m, num_classes - 1)], dim=1)   # (m, C)
+    columns = torch.cat([y[:m, None], others], dim=1)                      # class of each column
+    logits = torch.zeros_like(ll).scatter(1, columns, ll)                  # (m, C) in class order
+    return nll, logits
+
+
 def evaluate(model, data, args, device, autocast, rank, world_size):
     """Validation bits/dim (under the true label) and Bayes-classifier accuracy, in one pass.
 
@@ -160,6 +195,9 @@ def main(args):
     if args.batch_size % world_size:
         sys.exit(f"error: --batch_size {args.batch_size} is the global batch and must be "
                  f"divisible by the {world_size} processes")
+    if ddp and args.disc_weight > 0 and args.disc_params == "label":
+        sys.exit("error: --disc_params label runs its wrong-label passes outside DDP; it is "
+                 "one-process only (use --disc_params all under torchrun)")
     # Each process draws its own dropout masks; DDP gives every process rank 0's initial weights.
     torch.manual_seed(args.seed + rank)
     device = pick_device(args.device)
@@ -171,13 +209,16 @@ def main(args):
         dist.init_process_group("gloo")
     elif ddp:
         sys.exit(f"error: multi-process training runs on cuda or cpu, not {device}")
-    use_amp = args.amp and device.type == "cuda"
+    use_amp = args.amp and bf16_pays(device)
+    if args.amp and not use_amp and master:
+        print(f"note: --amp needs cuda or a CPU with bfloat16 instructions; training on {device} "
+              f"in float32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
 
     if ddp and not master:
         dist.barrier()   # rank 0 downloads the data if it is missing; the others read it after
@@ -284,12 +325,12 @@ def main(args):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
             with autocast():
-                nll = discretized_mix_logistic_loss(x, fwd_model(x, y), reduction="none")  # (b,)
+                m = max(1, int(args.disc_fraction * x.shape[0])) if args.disc_weight > 0 else 0
+                nll, logits = training_pass(fwd_model, x, y, train.num_classes, m,  # (b,), (m, C)
+                                            model if args.disc_params == "label" else None)
                 # The mean over the local batch: DDP averages the gradients over the processes.
                 loss = nll.mean() / num_dims                                     # nats/dim
-                if args.disc_weight > 0:
-                    m = max(1, int(args.disc_fraction * x.shape[0]))
-                    logits = class_log_likelihoods(fwd_model, x[:m], train.num_classes)
+                if logits is not None:
                     loss = loss + args.disc_weight * F.cross_entropy(logits, y[:m])
             # Global numbers on every process, so the log shows the whole batch and a non-finite
             # loss stops all of them at the same step.
@@ -417,6 +458,9 @@ def build_parser():
                    help="random horizontal flips of training images")
     p.add_argument("--disc_weight", type=float, default=0.0,
                    help="hybrid objective: weight of the cross-entropy of softmax_c log p(x|c)")
+    p.add_argument("--disc_params", choices=("all", "label"), default="all",
+                   help="what the hybrid term's passes under the wrong labels train: every "
+                        "parameter, or only the label's embedding and projections")
     p.add_argument("--disc_fraction", type=float, default=0.25,
                    help="fraction of each batch the hybrid term is computed on (it costs one "
                         "forward pass per class)")
@@ -439,7 +483,8 @@ def build_parser():
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
                    help="auto picks cuda, then mps, then cpu")
     p.add_argument("--amp", type=str2bool, nargs="?", const=True, default=False,
-                   help="bf16 autocast on CUDA (the loss stays in float32)")
+                   help="bf16 autocast (the loss stays in float32) on CUDA, and on a CPU that "
+                        "has bfloat16 instructions (AVX512_BF16 or AMX); float32 elsewhere")
     p.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False,
                    help="torch.compile the model")
     p.add_argument("-s", "--seed", type=int, default=1, help="random seed")

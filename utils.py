@@ -241,3 +241,14 @@ def pick_device(name="auto"):
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def bf16_pays(device):
+    """Whether bf16 autocast speeds `device` up: CUDA, or a CPU with bfloat16 instructions
+    (AVX512_BF16 or AMX). Elsewhere PyTorch emulates bf16 on the CPU, which is slower than float32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # private: may move
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)

@@ -195,6 +195,18 @@ def test_test_split_writes_submission_and_flip_logits(checkpoint, model, tmp_pat
 
 
 @needs_data
+def test_amp_rounds_the_log_likelihoods(checkpoint, model, tmp_path):
+    """--amp: bf16 autocast moves log p(x|c) off the float32 values, by rounding only."""
+    proc = evaluate(checkpoint, tmp_path, "-m", "test", "--amp")
+    assert proc.returncode == 0, proc.stderr
+    rows = slice(None, None, 8)
+    logits = np.load(tmp_path / "logits.npy")[rows]
+    expected = per_class_log_likelihoods(model, load_dataset("cpen455", DATA, "test").images[rows])
+    assert not np.array_equal(logits, expected.numpy())
+    np.testing.assert_allclose(logits, expected.numpy(), rtol=2e-2)
+
+
+@needs_data
 def test_flip_tta_adds_the_mirror_image(model, validation):
     x = validation.images[:6]
     plain = per_class_log_likelihoods(model, x)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pcnn_train
 from classification_evaluation import load_model
 from model import PixelCNN
+from utils import bf16_pays, class_log_likelihoods, discretized_mix_logistic_loss
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "cpen455"
@@ -160,3 +162,74 @@ def test_ema_decay_warms_up():
         torch.testing.assert_close(ema.state["nin_out.conv.bias"],
                                    expected_decay * before + (1 - expected_decay) * model.nin_out.conv.bias)
     assert not torch.equal(ema.state["nin_out.conv.bias"], start)
+
+
+def test_training_pass_matches_a_pass_per_class():
+    """The hybrid term's shared pass (true label once, the other labels appended) gives the same
+    nll, logits and loss gradient as a separate nll pass plus one pass per class."""
+    torch.manual_seed(0)
+    model = PixelCNN(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, input_channels=3,
+                     num_classes=4, dropout=0.0).double()
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    y = torch.tensor([3, 0, 2, 1, 1, 0])
+    nll, logits = pcnn_train.training_pass(model, x, y, 4, 4)
+    ref_nll = discretized_mix_logistic_loss(x, model(x, y), reduction="none")
+    ref_logits = class_log_likelihoods(model, x[:4], 4)
+    torch.testing.assert_close(nll, ref_nll)
+    torch.testing.assert_close(logits, ref_logits)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(nll.mean() + 0.1 * F.cross_entropy(logits, y[:4]), params)
+    ref_grads = torch.autograd.grad(ref_nll.mean() + 0.1 * F.cross_entropy(ref_logits, y[:4]), params)
+    for g, r in zip(grads, ref_grads):   # the loss computes in float32, hence float32 tolerances
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    nll_only, none = pcnn_train.training_pass(model, x, y, 4, 0)
+    assert none is None
+    torch.testing.assert_close(nll_only, ref_nll)
+
+
+def test_amp_autocasts_on_a_bf16_cpu(tmp_path):
+    """--amp on a CPU with bf16 instructions trains under bf16 autocast: the first loss (same
+    weights, same batch) moves off the float32 value by bf16 rounding, and no further. On a CPU
+    without them it says so and trains in float32."""
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert train(fp32, "--max_steps", "2").returncode == 0
+    proc = train(bf16, "--max_steps", "2", "--amp")
+    assert proc.returncode == 0, proc.stderr
+    first, first_amp = step_losses(fp32)[1], step_losses(bf16)[1]
+    if bf16_pays(torch.device("cpu")):
+        assert first_amp != first
+        assert abs(first_amp - first) < 0.02 * first
+    else:
+        assert "in float32" in proc.stdout and first_amp == first
+
+
+def test_label_only_hybrid_trains_the_trunk_on_the_true_label_only():
+    """--disc_params label: the label's parameters get the full hybrid gradient; every other
+    parameter gets the gradient of a loss whose wrong-label log-likelihoods are constants."""
+    torch.manual_seed(0)
+    model = PixelCNN(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, input_channels=3,
+                     num_classes=4, fusion="joint", dropout=0.0).double()
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    y = torch.tensor([3, 0, 2, 1, 1, 0])
+    names, params = zip(*model.named_parameters())
+    label = set(model.label_parameter_names())
+    assert "embedding.weight" in label and any("cond_proj" in n for n in label)
+    assert not any(n.endswith("bias") for n in label)
+
+    def grads(logits_of):
+        nll, logits = logits_of()
+        return dict(zip(names, torch.autograd.grad(
+            nll.mean() + 0.1 * F.cross_entropy(logits, y[:4]), params)))
+
+    def true_label_only():
+        nll, logits = pcnn_train.training_pass(model, x, y, 4, 4)
+        true = F.one_hot(y[:4], 4).bool()
+        return nll, torch.where(true, logits, logits.detach())
+
+    label_only = grads(lambda: pcnn_train.training_pass(model, x, y, 4, 4, model))
+    full = grads(lambda: pcnn_train.training_pass(model, x, y, 4, 4))
+    trunk = grads(true_label_only)
+    for n in names:
+        expected = full[n] if n in label else trunk[n]
+        torch.testing.assert_close(label_only[n], expected, rtol=1e-4, atol=1e-5, msg=n)
+    assert any(not torch.allclose(full[n], trunk[n]) for n in names if n not in label)
