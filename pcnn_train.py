@@ -44,8 +44,8 @@ BEST_NAME = "conditional_pixelcnn.pth"   # the file the course's evaluation scri
 # Presets set defaults; any flag given on the command line still wins.
 PRESETS = {
     "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, batch_size=32, lr=1e-3,
-                warmup_steps=100, lr_decay=0.9998, ema=0.999, dropout=0.1, flip=True,
-                disc_weight=3e-4, disc_fraction=0.125, max_minutes=30.0, max_epochs=1000,
+                warmup_steps=100, lr_decay=0.9998, ema=0.999, dropout=0.1, flip=True, amp=True,
+                disc_weight=1e-3, disc_fraction=0.25, max_minutes=30.0, max_epochs=1000,
                 sampling_interval=0),
     "gpu": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10, batch_size=64, lr=1e-3,
                 warmup_steps=200, lr_decay=0.99995, ema=0.999, dropout=0.5, flip=True, amp=True,
