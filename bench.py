@@ -21,14 +21,14 @@ Speed does not depend on the weights, so the other models are random.
 import argparse
 import resource
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from dataset import load_dataset
 from model import PixelCNN, RowCache
-from utils import dataset_log_likelihoods, discretized_mix_logistic_loss, pick_device
+from utils import bf16_autocast, dataset_log_likelihoods, discretized_mix_logistic_loss, \
+    pick_device
 
 SIZES = {"40/1/5": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5),
          "160/5/10": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10)}
@@ -81,11 +81,6 @@ def bench_sampling(device, slow_pixels):
                per_pixel * H * W, per_row * H, device)
 
 
-def bf16(device):
-    """bf16 autocast on `device`, as pcnn_train.py --amp uses it."""
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 @torch.inference_mode()
 def bench_classification(device):
     val = load_dataset("cpen455", DATA, "validation")
@@ -104,15 +99,19 @@ def bench_classification(device):
                 for i in range(x.shape[0]):
                     discretized_mix_logistic_loss(x[i:i + 1], out[i:i + 1]).item()
 
+    predictions = {}
+
+    def batched(precision, autocast):
+        """dataset_log_likelihoods, keeping its predictions for the comparison below."""
+        ll = dataset_log_likelihoods(model, val.images, 4, 32, device, autocast=autocast)
+        predictions[precision] = ll.argmax(1)                                # (519,)
+
     slow = timed(course_pattern, device)
-    fast = timed(lambda: dataset_log_likelihoods(model, val.images, 4, 32, device), device)
+    fast = timed(lambda: batched("fp32", bf16_autocast(device, False)), device)
     report("classify 519 validation images, 40/1/5", slow, fast, device)
-    fast_bf16 = timed(lambda: dataset_log_likelihoods(model, val.images, 4, 32, device,
-                                                      autocast=lambda: bf16(device)), device)
+    fast_bf16 = timed(lambda: batched("bf16", bf16_autocast(device)), device)
     report("  the same under bf16 autocast", slow, fast_bf16, device)
-    exact = dataset_log_likelihoods(model, val.images, 4, 32, device).argmax(1)
-    rounded = dataset_log_likelihoods(model, val.images, 4, 32, device,
-                                      autocast=lambda: bf16(device)).argmax(1)
+    exact, rounded = predictions["fp32"], predictions["bf16"]
     print(f"  bf16 changes {(exact != rounded).sum().item()} of {len(exact)} predictions "
           f"({'shipped model' if SHIPPED.is_file() else 'random weights'})", flush=True)
 
@@ -126,7 +125,7 @@ def bench_training(device, steps):
         model = PixelCNN(**SIZES["40/1/5"], dropout=0.5).to(device)
         forward = torch.compile(model) if "compile" in mode else model
         optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-        autocast = (lambda: bf16(device)) if "bf16" in mode else nullcontext
+        autocast = bf16_autocast(device, "bf16" in mode)
 
         def step():
             with autocast():

@@ -14,7 +14,6 @@ test split it writes `submission.csv` (`id,label` rows in file order) and `logit
 import argparse
 import pickle
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 
 from dataset import DatasetError, load_dataset, one_line
 from model import PixelCNN
-from utils import class_log_likelihoods, dataset_log_likelihoods, pick_device
+from utils import bf16_autocast, class_log_likelihoods, dataset_log_likelihoods, pick_device
 
 DEFAULT_CHECKPOINT = "models/conditional_pixelcnn.pth"
 
@@ -101,8 +100,7 @@ def main(args):
                  f"has {data.num_classes}")
     if args.amp and device.type not in ("cuda", "cpu"):
         sys.exit(f"error: --amp runs on cuda or cpu, not {device}")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp \
-        else nullcontext
+    autocast = bf16_autocast(device, args.amp)
     ll = dataset_log_likelihoods(model, data.images, model.num_classes, args.batch_size, device,
                                  tta=args.tta, progress=True, autocast=autocast)      # (N, classes)
     predictions = ll.argmax(dim=1)

@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from dataset import DatasetError, load_dataset, rescaling_inv
 from model import FUSION_MODES, PixelCNN
-from utils import bf16_pays, bits_per_dim, dataset_log_likelihoods, \
+from utils import bf16_autocast, bf16_pays, bits_per_dim, dataset_log_likelihoods, \
     discretized_mix_logistic_loss, pick_device, sample_fast
 
 BEST_NAME = "conditional_pixelcnn.pth"   # the file the course's evaluation scripts load
@@ -217,8 +216,7 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
+    autocast = bf16_autocast(device, use_amp)
 
     if ddp and not master:
         dist.barrier()   # rank 0 downloads the data if it is missing; the others read it after
@@ -462,8 +460,8 @@ def build_parser():
                    help="what the hybrid term's passes under the wrong labels train: every "
                         "parameter, or only the label's embedding and projections")
     p.add_argument("--disc_fraction", type=float, default=0.25,
-                   help="fraction of each batch the hybrid term is computed on (it costs one "
-                        "forward pass per class)")
+                   help="fraction of each batch the hybrid term is computed on (each of those "
+                        "images costs one more pass per other class)")
     # length of the run
     p.add_argument("-x", "--max_epochs", type=int, default=5000, help="epochs to train")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: off)")

@@ -10,6 +10,7 @@ One loss serves training (mean bits/dim over a batch) and classification (argmax
 log p(x | c)): `discretized_mix_logistic_loss(..., reduction="none")` gives the per-image NLL.
 """
 
+import functools
 import math
 from contextlib import nullcontext
 
@@ -241,6 +242,14 @@ def pick_device(name="auto"):
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def bf16_autocast(device, enabled=True):
+    """A zero-argument factory of bf16 autocast contexts on `device` (of nullcontext when not
+    enabled): the form the training loop and `dataset_log_likelihoods(autocast=...)` take."""
+    if not enabled:
+        return nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
 
 
 def bf16_pays(device):
