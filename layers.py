@@ -23,6 +23,14 @@ def concat_elu(x):
     return F.elu(torch.cat([x, -x], dim=1))
 
 
+def conv_at_one_position(conv, window):
+    """The single output of `conv` (no padding) whose receptive field is all of `window`
+    (B, C, kh, kw), as one matrix product: on a CPU far cheaper than a convolution call on so small
+    an input, which is what the cached sampler computes at every pixel. Returns (B, C_out, 1, 1)."""
+    weight = conv.weight.reshape(conv.out_channels, -1)                  # (C_out, C * kh * kw)
+    return F.linear(window.reshape(window.shape[0], -1), weight, conv.bias)[:, :, None, None]
+
+
 def down_shift(x):
     """Shift the image down by one row, filling the top row with zeros."""
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
@@ -45,19 +53,26 @@ class _ShiftedConv2d(nn.Module):
     def forward(self, x):
         return self.conv(F.pad(x, self.pad))
 
-    def forward_rows(self, x, r0, r1, pre=None):
-        """Rows r0..r1 of forward(pre(x)), reading only the input rows they need.
+    def forward_window(self, x, region, pre=None):
+        """The region ((r0, r1), (c0, c1)) of forward(pre(x)), reading only the input it needs.
 
-        x: the full input (B, C, H, W); pre: an elementwise function applied to the rows read.
-        Used by the cached sampler, which recomputes one band of rows per pixel.
+        x: the full input (B, C, H, W); pre: an elementwise function applied to what is read.
+        Output (i, j) reads padded input rows i*s .. i*s + fh - 1 and columns j*s .. j*s + fw - 1;
+        the parts of that window that fall in the padding are zeros here too. Used by the cached
+        sampler, which recomputes one row or one pixel of every layer at a time.
+        Returns (B, C_out, r1 - r0 + 1, c1 - c0 + 1).
         """
-        fh, s = self.filter_size[0], self.stride[0]
-        lo, hi = r0 * s - (fh - 1), r1 * s
-        x = x[:, :, max(lo, 0):hi + 1]                       # (B, C, hi - max(lo, 0) + 1, W)
+        (r0, r1), (c0, c1) = region
+        (fh, fw), s, W = self.filter_size, self.stride[0], x.shape[3]
+        left, _, top, _ = self.pad
+        y0, y1 = r0 * s - top, r1 * s - top + fh - 1          # input rows read (y1 < H: no bottom pad)
+        x0, x1 = c0 * s - left, c1 * s - left + fw - 1        # input columns read
+        x = x[:, :, max(y0, 0):y1 + 1, max(x0, 0):min(x1, W - 1) + 1]
         if pre is not None:
             x = pre(x)
-        left, right, _, _ = self.pad
-        return self.conv(F.pad(x, (left, right, max(0, -lo), 0)))   # (B, C_out, r1 - r0 + 1, W / s)
+        pad = (max(0, -x0), max(0, x1 - (W - 1)), max(0, -y0), 0)
+        x = F.pad(x, pad) if any(pad) else x
+        return conv_at_one_position(self.conv, x) if r0 == r1 and c0 == c1 else self.conv(x)
 
 
 class DownShiftedConv2d(_ShiftedConv2d):
@@ -85,14 +100,15 @@ class DownRightShiftedConv2d(_ShiftedConv2d):
 
 
 class _ShiftedDeconv2d(nn.Module):
-    """A stride-2 weight-normalised transposed convolution, (H, W) -> (2H, 2W), cropped at the
-    bottom and on the sides `crop_cols(width)` so that it stays causal in rows."""
+    """A stride-2 weight-normalised transposed convolution, (H, W) -> (2H, 2W): of its
+    (2H + 1, 2W + fw - 1) outputs it keeps the first 2H rows, so that it stays causal in rows, and
+    2W columns from `crop_left` on."""
 
-    def __init__(self, in_channels, out_channels, filter_size, stride):
+    def __init__(self, in_channels, out_channels, filter_size, stride, crop_left):
         super().__init__()
         if filter_size[0] != stride[0]:
             raise ValueError("the row-causal crop assumes filter height == stride")
-        self.filter_size = filter_size
+        self.filter_size, self.crop_left = filter_size, crop_left
         # dim=1: a transposed convolution stores (in, out, kh, kw), and the paper normalises per
         # output channel.
         self.deconv = weight_norm(
@@ -100,35 +116,38 @@ class _ShiftedDeconv2d(nn.Module):
             dim=1)
 
     def forward(self, x):
+        H, W = x.shape[2:]
         x = self.deconv(x)                                   # (B, C, 2H + 1, 2W + fw - 1)
-        return x[:, :, :x.shape[2] - 1, self.crop_cols(x.shape[3])]     # (B, C, 2H, 2W)
+        return x[:, :, :2 * H, self.crop_left:self.crop_left + 2 * W]      # (B, C, 2H, 2W)
 
-    def forward_rows(self, x, r0, r1):
-        """Rows r0..r1 of forward(x): output row r comes from input row r // 2 alone."""
-        q0 = r0 // 2
-        y = self.deconv(x[:, :, q0:r1 // 2 + 1])             # (B, C, 2 * rows + 1, 2W + fw - 1)
-        return y[:, :, r0 - 2 * q0:r1 - 2 * q0 + 1, self.crop_cols(y.shape[3])]
+    def forward_window(self, x, region):
+        """The region ((r0, r1), (c0, c1)) of forward(x), from the inputs that reach it: output row
+        r comes from input row r // 2 alone, and column c from the inputs q with
+        0 <= c + crop_left - 2q < fw."""
+        (r0, r1), (c0, c1) = region
+        fw, W = self.filter_size[1], x.shape[3]
+        u0, u1 = c0 + self.crop_left, c1 + self.crop_left     # columns of the uncropped output
+        p0, q0, q1 = r0 // 2, max(0, -((fw - 1 - u0) // 2)), min(W - 1, u1 // 2)
+        if r0 == r1 and u0 == u1 and q0 == q1:               # one output from one input: (C_in) @ (C_in, C_out)
+            weight = self.deconv.weight[:, :, r0 - 2 * p0, u0 - 2 * q0]          # (C_in, C_out)
+            return F.linear(x[:, :, p0, q0], weight.t(), self.deconv.bias)[:, :, None, None]
+        y = self.deconv(x[:, :, p0:r1 // 2 + 1, q0:q1 + 1])
+        return y[:, :, r0 - 2 * p0:r1 - 2 * p0 + 1, u0 - 2 * q0:u1 - 2 * q0 + 1]
 
 
 class DownShiftedDeconv2d(_ShiftedDeconv2d):
     """Transposed convolution, cropped so that it stays down-shifted (centred horizontally)."""
 
     def __init__(self, in_channels, out_channels, filter_size=(2, 3), stride=(2, 2)):
-        super().__init__(in_channels, out_channels, filter_size, stride)
-
-    def crop_cols(self, width):
-        side = (self.filter_size[1] - 1) // 2
-        return slice(side, width - side)
+        super().__init__(in_channels, out_channels, filter_size, stride,
+                         crop_left=(filter_size[1] - 1) // 2)
 
 
 class DownRightShiftedDeconv2d(_ShiftedDeconv2d):
     """Transposed convolution, cropped so that it stays down-right-shifted."""
 
     def __init__(self, in_channels, out_channels, filter_size=(2, 2), stride=(2, 2)):
-        super().__init__(in_channels, out_channels, filter_size, stride)
-
-    def crop_cols(self, width):
-        return slice(0, width - self.filter_size[1] + 1)
+        super().__init__(in_channels, out_channels, filter_size, stride, crop_left=0)
 
 
 class NIN(nn.Module):
@@ -139,7 +158,7 @@ class NIN(nn.Module):
         self.conv = weight_norm(nn.Conv2d(in_channels, out_channels, kernel_size=1))
 
     def forward(self, x):
-        return self.conv(x)
+        return conv_at_one_position(self.conv, x) if x.shape[2:] == (1, 1) else self.conv(x)
 
 
 class GatedResNet(nn.Module):
@@ -188,19 +207,22 @@ class GatedResNet(nn.Module):
         h = self._film(concat_elu(h), cond)                  # (B, 2F, H, W)
         return x + self._gate(self.conv_out(self.dropout(h)), cond)
 
-    def forward_rows(self, x, r0, r1, store, a_rows=None, cond=None):
-        """Rows r0..r1 of forward(x, a, cond) in eval mode, for the cached sampler.
+    def forward_window(self, x, region, store, a=None, cond=None):
+        """The region ((r0, r1), (c0, c1)) of forward(x, a, cond) in eval mode, for the cached
+        sampler.
 
-        x: the block's full input (B, F, H, W), final above row r0; a_rows: rows r0..r1 of the skip
-        input; store(rows, r0, H): writes rows into this block's cache of hidden features and
-        returns the whole cache, whose rows above r0 are final from earlier calls.
+        x: the block's full input (B, F, H, W), final wherever the region reads it; a: the region
+        of the skip input; store(values, region, H, W): writes values into this block's cache of
+        hidden features and returns the whole cache, final wherever the region reads it.
         """
-        assert not self.training, "forward_rows skips dropout: call model.eval() first"
-        h = self.conv_input.forward_rows(x, r0, r1, pre=concat_elu)    # (B, F, n, W)
-        if a_rows is not None:
-            h = h + self.nin_skip(concat_elu(a_rows))
-        hidden = store(self._film(concat_elu(h), cond), r0, x.shape[2])  # (B, 2F, H, W)
-        return x[:, :, r0:r1 + 1] + self._gate(self.conv_out.forward_rows(hidden, r0, r1), cond)
+        assert not self.training, "forward_window skips dropout: call model.eval() first"
+        (r0, r1), (c0, c1) = region
+        h = self.conv_input.forward_window(x, region, pre=concat_elu)  # (B, F, n, m)
+        if a is not None:
+            h = h + self.nin_skip(concat_elu(a))
+        hidden = store(self._film(concat_elu(h), cond), region, *x.shape[2:])  # (B, 2F, H, W)
+        return x[:, :, r0:r1 + 1, c0:c1 + 1] + self._gate(
+            self.conv_out.forward_window(hidden, region), cond)
 
     def _film(self, h, cond):
         if self.cond_proj is None or self.fusion != "film":

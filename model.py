@@ -167,78 +167,79 @@ class PixelCNN(nn.Module):
             ul = ul + self.late_proj(cond)[:, :, None, None]
         return self.nin_out(F.elu(ul))
 
-    def forward_rows(self, cache, lo, hi, u_cached=False):
-        """Rows lo..hi of forward(cache.x, labels), recomputing only those rows of every layer
-        (and the matching rows at 1/2 and 1/4 resolution) from the cached rows above.
+    def forward_region(self, cache, rows, cols, streams=("u", "ul")):
+        """Rows rows[0]..rows[1] and columns cols[0]..cols[1] of forward(cache.x, labels),
+        recomputing only that region of every layer (and, at 1/2 and 1/4 resolution, those of its
+        positions that lie on the coarser grid) and reading everything else from the cache.
 
         The reference `forward` stays the straightforward path; this one serves the cached sampler
-        (`utils.sample_fast`), and tests hold the two equal. Valid when every layer's rows above
-        `lo` are final, which holds when the caller moves down the image in raster order and
-        recomputes rows lo = i - 1 .. i on the first pixel of each row i. The `u` stream sees only
-        the rows above, so within a row it does not change: u_cached=True reuses it.
-        Returns (B, mixture channels, hi - lo + 1, W).
+        (`utils.sample_fast`), and tests hold the two equal. Valid when every layer is cached and
+        final wherever the region reads it, which holds when the caller moves through the image in
+        raster order: the `u` stream sees only the rows above, so it runs once per row
+        (streams=("u",) on the row), and the `ul` stream once per pixel (streams=("ul",) on the
+        pixel). A position (p, q) at 1/f resolution is computed with the full-resolution position
+        (f*p, f*q): that is when the last pixel it depends on is in place.
+        Returns (B, mixture channels, rows, cols) when "ul" is in streams, else None.
         """
-        x, cond, H = cache.x, cache.cond, cache.x.shape[2]
+        x, cond = cache.x, cache.cond
+        H, W = x.shape[2:]
+        (lo, hi), (c0, c1) = rows, cols
 
-        def band(f):
-            return lo // f, hi // f
+        def region(f):
+            """The positions at 1/f resolution that this call computes, or None."""
+            r, c = (-(-lo // f), hi // f), (-(-c0 // f), c1 // f)
+            return (r, c) if r[0] <= r[1] and c[0] <= c[1] else None
 
-        def run_u(key, compute, r0, height):
-            """The u stream's output for `key`: from the cache, or recomputed at rows r0.."""
-            return cache[key] if u_cached else cache.store(key, compute(), r0, height)
+        regions = {f: region(f) for f in (1, 2, 4)}
 
-        r0, r1 = band(1)
+        def run(stream, key, f, compute):
+            """The full output of layer `key` at 1/f resolution, its region recomputed by
+            compute(region) if this call runs `stream` there (None if never computed yet)."""
+            if stream in streams and regions[f] is not None:
+                return cache.store(key, compute(regions[f]), regions[f], H // f, W // f)
+            return cache.layers.get(key)
 
         early_u, early_ul = (self.early_proj(cond)[:, :, None, None].chunk(2, dim=1)
                              if self.early_proj is not None else (0, 0))       # (B, F, 1, 1) each
-
-        def u_init_rows():
-            u_init = cache.store("u_init", self.u_init.forward_rows(x, r0, r1), r0, H)
-            return _down_shift_rows(u_init, r0, r1) + early_u                  # (B, F, n, W)
-
-        u = run_u("u", u_init_rows, r0, H)                                      # (B, F, H, W)
-        ul_up = cache.store("ul_up", self.ul_init_up.forward_rows(x, r0, r1), r0, H)
-        ul = (_down_shift_rows(ul_up, r0, r1) + right_shift(self.ul_init_left.forward_rows(x, r0, r1))
-              + early_ul)
-        ul = cache.store("ul", ul, r0, H)
+        u = run("u", "u", 1, lambda reg: _shifted_window(self.u_init, x, reg, 1, 0) + early_u)
+        ul = run("ul", "ul", 1, lambda reg: _shifted_window(self.ul_init_up, x, reg, 1, 0)
+                 + _shifted_window(self.ul_init_left, x, reg, 0, 1) + early_ul)
 
         u_skips, ul_skips = [u], [ul]
         for stage in range(3):
-            r0, r1 = band(2 ** stage)
-            h = H >> stage
+            f = 2 ** stage
             for u_blk, ul_blk in zip(self.up_u[stage], self.up_ul[stage]):
-                u = run_u(u_blk, lambda: u_blk.forward_rows(u, r0, r1, cache.store_for(u_blk),
-                                                            cond=cond), r0, h)
-                ul = cache.store(ul_blk, ul_blk.forward_rows(ul, r0, r1, cache.store_for(ul_blk),
-                                                             u[:, :, r0:r1 + 1], cond), r0, h)
+                u = run("u", u_blk, f, lambda reg: u_blk.forward_window(
+                    u, reg, cache.store_for(u_blk), cond=cond))
+                ul = run("ul", ul_blk, f, lambda reg: ul_blk.forward_window(
+                    ul, reg, cache.store_for(ul_blk), _window(u, reg), cond))
                 u_skips.append(u)
                 ul_skips.append(ul)
             if stage < 2:
-                q0, q1 = band(2 ** (stage + 1))
                 down_u, down_ul = self.downsize_u[stage], self.downsize_ul[stage]
-                u = run_u(down_u, lambda: down_u.forward_rows(u, q0, q1), q0, h // 2)
-                ul = cache.store(down_ul, down_ul.forward_rows(ul, q0, q1), q0, h // 2)
+                u = run("u", down_u, 2 * f, lambda reg: down_u.forward_window(u, reg))
+                ul = run("ul", down_ul, 2 * f, lambda reg: down_ul.forward_window(ul, reg))
                 u_skips.append(u)
                 ul_skips.append(ul)
 
         u, ul = u_skips.pop(), ul_skips.pop()
         for stage in range(3):
-            r0, r1 = band(4 >> stage)
-            h = H // (4 >> stage)
+            f = 4 >> stage
             for u_blk, ul_blk in zip(self.down_u[stage], self.down_ul[stage]):
-                a_u = u_skips.pop()[:, :, r0:r1 + 1]
-                u = run_u(u_blk, lambda: u_blk.forward_rows(u, r0, r1, cache.store_for(u_blk),
-                                                            a_u, cond), r0, h)
-                a_ul = torch.cat([u[:, :, r0:r1 + 1], ul_skips.pop()[:, :, r0:r1 + 1]], dim=1)
-                ul = cache.store(ul_blk, ul_blk.forward_rows(ul, r0, r1, cache.store_for(ul_blk),
-                                                             a_ul, cond), r0, h)
+                u_skip, ul_skip = u_skips.pop(), ul_skips.pop()
+                u = run("u", u_blk, f, lambda reg: u_blk.forward_window(
+                    u, reg, cache.store_for(u_blk), _window(u_skip, reg), cond))
+                ul = run("ul", ul_blk, f, lambda reg: ul_blk.forward_window(
+                    ul, reg, cache.store_for(ul_blk),
+                    torch.cat([_window(u, reg), _window(ul_skip, reg)], dim=1), cond))
             if stage < 2:
-                q0, q1 = band(2 >> stage)
                 up_u, up_ul = self.upsize_u[stage], self.upsize_ul[stage]
-                u = run_u(up_u, lambda: up_u.forward_rows(u, q0, q1), q0, 2 * h)
-                ul = cache.store(up_ul, up_ul.forward_rows(ul, q0, q1), q0, 2 * h)
+                u = run("u", up_u, f // 2, lambda reg: up_u.forward_window(u, reg))
+                ul = run("ul", up_ul, f // 2, lambda reg: up_ul.forward_window(ul, reg))
 
-        ul = ul[:, :, lo:hi + 1]
+        if "ul" not in streams or regions[1] is None:
+            return None
+        ul = _window(ul, regions[1])
         if self.late_proj is not None:
             ul = ul + self.late_proj(cond)[:, :, None, None]
         return self.nin_out(F.elu(ul))
@@ -265,8 +266,8 @@ class PixelCNN(nn.Module):
         return model
 
 
-class RowCache:
-    """What `PixelCNN.forward_rows` keeps between calls: the input x (B, C+1, H, W) with its
+class LayerCache:
+    """What `PixelCNN.forward_region` keeps between calls: the input x (B, C+1, H, W) with its
     channel of ones, the class embedding, and the full-size output of every layer, by layer."""
 
     def __init__(self, model, x, labels):
@@ -274,26 +275,37 @@ class RowCache:
         self.cond = model.embedding(labels) if model.embedding is not None else None
         self.layers = {}
 
-    def __getitem__(self, key):
-        return self.layers[key]
-
-    def store(self, key, rows, r0, height):
-        """Write `rows` at row r0 of the cached output of `key` and return the whole of it."""
+    def store(self, key, values, region, height, width):
+        """Write `values` into the region ((r0, r1), (c0, c1)) of the cached output of `key`, a
+        (B, C, height, width) tensor made on first use, and return the whole of it."""
         if key not in self.layers:
-            self.layers[key] = rows.new_zeros(*rows.shape[:2], height, rows.shape[3])
+            self.layers[key] = values.new_zeros(*values.shape[:2], height, width).to(memory_format=torch.channels_last)
         full = self.layers[key]
-        full[:, :, r0:r0 + rows.shape[2]] = rows
+        (r0, r1), (c0, c1) = region
+        full[:, :, r0:r1 + 1, c0:c1 + 1] = values
         return full
 
     def store_for(self, block):
         """The `store` a GatedResNet uses for its hidden features."""
-        return lambda rows, r0, height: self.store((block, "hidden"), rows, r0, height)
+        return lambda values, region, height, width: self.store((block, "hidden"), values, region,
+                                                                height, width)
 
 
-def _down_shift_rows(full, r0, r1):
-    """Rows r0..r1 of down_shift(full), read from rows r0-1..r1-1."""
-    rows = full[:, :, max(r0 - 1, 0):r1]
-    return F.pad(rows, (0, 0, 1, 0)) if r0 == 0 else rows
+def _window(full, region):
+    """The region ((r0, r1), (c0, c1)) of a (B, C, H, W) tensor."""
+    (r0, r1), (c0, c1) = region
+    return full[:, :, r0:r1 + 1, c0:c1 + 1]
+
+
+def _shifted_window(layer, x, region, down, right):
+    """The region of the output of `layer` shifted down by `down` rows and right by `right`
+    columns (zeros shifted in), as down_shift and right_shift do to the first layers."""
+    (r0, r1), (c0, c1) = region
+    top, left = max(0, down - r0), max(0, right - c0)
+    if r1 - down < 0 or c1 - right < 0:                   # all of it shifted in
+        return x.new_zeros(x.shape[0], layer.conv.out_channels, r1 - r0 + 1, c1 - c0 + 1)
+    out = layer.forward_window(x, ((r0 - down + top, r1 - down), (c0 - right + left, c1 - right)))
+    return F.pad(out, (left, 0, top, 0)) if top or left else out
 
 
 def _architecture(config):

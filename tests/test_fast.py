@@ -1,11 +1,14 @@
-"""The fast paths equal the straightforward ones: the cached row forward against the full forward
-(all rows at once, and teacher-forced pixel by pixel), and sample_fast against sample with the same
-random draws."""
+"""The fast paths equal the straightforward ones: every layer's window against its full output, the
+cached region pass against the full forward (all at once, a band of rows then pixel by pixel, and
+teacher-forced on the sampler's schedule), and sample_fast against sample with the same random
+draws."""
 
 import pytest
 import torch
 
-from model import FUSION_MODES, PixelCNN, RowCache
+from layers import (NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d, DownShiftedConv2d,
+                    DownShiftedDeconv2d, concat_elu)
+from model import FUSION_MODES, LayerCache, PixelCNN
 from utils import sample, sample_fast
 
 
@@ -20,13 +23,48 @@ def tiny_model(fusion="gated", input_channels=3, nr_resnet=2, seed=0):
     return model
 
 
+def regions(H, W):
+    """Single positions on every border and inside, whole rows, and larger blocks."""
+    return ([((r, r), (c, c)) for r in (0, 1, H - 1) for c in (0, 1, W - 2, W - 1)]
+            + [((r, r), (0, W - 1)) for r in (0, 2)] + [((0, H - 1), (0, W - 1)), ((1, 3), (1, 2))])
+
+
+LAYERS = [DownShiftedConv2d(6, 5), DownShiftedConv2d(6, 5, filter_size=(1, 3)),
+          DownShiftedConv2d(6, 5, stride=(2, 2)), DownRightShiftedConv2d(6, 5),
+          DownRightShiftedConv2d(6, 5, filter_size=(2, 1)), DownRightShiftedConv2d(6, 5, stride=(2, 2)),
+          DownShiftedDeconv2d(6, 5), DownRightShiftedDeconv2d(6, 5)]
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: f"{type(layer).__name__}{layer.filter_size}")
+@torch.no_grad()
+def test_layer_window_equals_full_output(layer):
+    """forward_window reads only what the region needs, pads as forward does, and takes the
+    matrix-product path on single positions: each region equals that part of the full output."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, 12)
+    full = layer(x)                                                         # (B, 5, H', W')
+    for (r0, r1), (c0, c1) in regions(*full.shape[2:]):
+        torch.testing.assert_close(layer.forward_window(x, ((r0, r1), (c0, c1))),
+                                   full[:, :, r0:r1 + 1, c0:c1 + 1], atol=1e-5, rtol=1e-5)
+    if not hasattr(layer, "deconv"):
+        half = x[:, :3]                                                     # concat_elu doubles it
+        torch.testing.assert_close(layer.forward_window(half, ((1, 1), (2, 2)), pre=concat_elu),
+                                   layer(concat_elu(half))[:, :, 1:2, 2:3], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_nin_at_one_position_equals_convolution():
+    nin, x = NIN(6, 5), torch.randn(3, 6, 1, 1)
+    torch.testing.assert_close(nin(x), nin.conv(x), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("fusion", sorted(FUSION_MODES))
 @torch.no_grad()
 def test_all_rows_at_once_equal_forward(fusion):
     model = tiny_model(fusion)
     x, labels = torch.rand(3, 3, 12, 16) * 2 - 1, torch.tensor([0, 2, 3])
-    rows = model.forward_rows(RowCache(model, x, labels), 0, 11)
-    torch.testing.assert_close(rows, model(x, labels), atol=1e-5, rtol=1e-5)
+    out = model.forward_region(LayerCache(model, x, labels), (0, 11), (0, 15))
+    torch.testing.assert_close(out, model(x, labels), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fusion, channels", [("gated", 3), ("joint", 3), ("film", 3), ("none", 3),
@@ -39,20 +77,40 @@ def test_teacher_forced_rows_match_full_forward(fusion, channels):
     H, W = 12, 8
     x, labels = torch.rand(2, channels, H, W) * 2 - 1, torch.tensor([1, 3])
     full = model(x, labels)                                                 # (B, out, H, W)
-    cache = RowCache(model, torch.zeros_like(x), labels)
+    cache = LayerCache(model, torch.zeros_like(x), labels)
     for i in range(H):
+        assert model.forward_region(cache, (i, i), (0, W - 1), streams=("u",)) is None
         for j in range(W):
-            lo = i - 1 if (j == 0 and i > 0) else i
-            out = model.forward_rows(cache, lo, i, u_cached=j > 0)[:, :, -1, j]   # (B, out)
+            out = model.forward_region(cache, (i, i), (j, j), streams=("ul",))[:, :, 0, 0]
             torch.testing.assert_close(out, full[:, :, i, j], atol=1e-4, rtol=1e-4)
             cache.x[:, :channels, i, j] = x[:, :, i, j]
+
+
+@torch.no_grad()
+def test_band_of_rows_then_pixels_matches_full_forward():
+    """A band of rows first (the rows a completion keeps), then the sampler's schedule from an odd
+    row on: every later position still equals the full forward."""
+    model = tiny_model("gated")
+    H, W, first = 12, 8, 5
+    x, labels = torch.rand(2, 3, H, W) * 2 - 1, torch.tensor([2, 0])
+    full = model(x, labels)
+    cache = LayerCache(model, x.clone(), labels)
+    cache.x[:, :3, first:] = 0
+    band = model.forward_region(cache, (0, first - 1), (0, W - 1))
+    torch.testing.assert_close(band, full[:, :, :first], atol=1e-4, rtol=1e-4)
+    for i in range(first, H):
+        model.forward_region(cache, (i, i), (0, W - 1), streams=("u",))
+        for j in range(W):
+            out = model.forward_region(cache, (i, i), (j, j), streams=("ul",))[:, :, 0, 0]
+            torch.testing.assert_close(out, full[:, :, i, j], atol=1e-4, rtol=1e-4)
+            cache.x[:, :3, i, j] = x[:, :, i, j]
 
 
 @pytest.mark.parametrize("channels", [3, 1])
 def test_fast_sampler_draws_the_same_samples(channels):
     model = tiny_model("joint", channels, nr_resnet=1)
     labels = torch.tensor([0, 1, 2, 3])
-    obs = (channels, 8, 8)
+    obs = (channels, 8, 12)
     slow = sample(model, labels, obs, generator=torch.Generator().manual_seed(7))
     fast = sample_fast(model, labels, obs, generator=torch.Generator().manual_seed(7))
     assert torch.equal(slow, fast)
