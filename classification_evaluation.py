@@ -137,8 +137,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-i", "--data_dir", default="data", help="folder holding the dataset")
-    p.add_argument("-b", "--batch_size", type=int, default=32,
-                   help="images per batch (each makes one network pass per class)")
+    p.add_argument("-b", "--batch_size", type=int, default=None,
+                   help="images per batch (each makes one network pass per class); default: "
+                        "8 on a CPU, 32 elsewhere")
     p.add_argument("-m", "--mode", choices=("validation", "train", "test"), default="validation",
                    help="split to classify; test is unlabelled and writes a submission")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model to evaluate")

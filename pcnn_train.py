@@ -469,8 +469,9 @@ def build_parser():
                    help="stop after this much training time (0: off)")
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/resume.pt")
     # evaluation, sampling and checkpoints
-    p.add_argument("--eval_batch_size", type=int, default=32,
-                   help="validation images per batch (times the number of classes per pass)")
+    p.add_argument("--eval_batch_size", type=int, default=None,
+                   help="validation images per batch (times the number of classes per pass); "
+                        "default: 8 on a CPU, 32 elsewhere")
     p.add_argument("-c", "--sampling_interval", type=int, default=5,
                    help="write a sample grid every this many epochs (0: never)")
     p.add_argument("-sb", "--sample_batch_size", type=int, default=16,
