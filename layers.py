@@ -23,6 +23,37 @@ def concat_elu(x):
     return F.elu(torch.cat([x, -x], dim=1))
 
 
+def concat_elu_padded(x, pad):
+    """F.pad(concat_elu(x), pad), pad = (left, right, top, bottom), built in one buffer: the
+    padding is zeros either way (elu(0) = 0), and writing x and -x into a zeroed buffer and taking
+    the ELU in place saves the concatenated and the padded copies. (B, C, H, W) ->
+    (B, 2C, H + top + bottom, W + left + right)."""
+    B, C, H, W = x.shape
+    left, right, top, bottom = pad
+    out = x.new_zeros(B, 2 * C, H + top + bottom, W + left + right)
+    out[:, :C, top:top + H, left:left + W] = x
+    out[:, C:, top:top + H, left:left + W] = -x
+    return F.elu_(out)
+
+
+def add_pairs(a, b):
+    """a + b, where one of them may hold B images and the other n = K * B image-label pairs in
+    class-major order (pair k * B + i is image i under the k-th label): the image tensor is
+    broadcast over the K labels. That is how work done before the label enters is shared between
+    the classes (see PixelCNN.forward). With equal batches, plain a + b. Returns (n, ...)."""
+    if a.shape[0] == b.shape[0]:
+        return a + b
+    images, pairs = (a, b) if a.shape[0] < b.shape[0] else (b, a)
+    k = pairs.shape[0] // images.shape[0]
+    return (pairs.reshape(k, -1, *pairs.shape[1:]) + images).flatten(0, 1)   # (K * B, ...)
+
+
+def expand_pairs(t, n):
+    """t (B, ...) of B images as n = K * B class-major image-label pairs: t repeated K times
+    (t itself when it already has n rows)."""
+    return t if t.shape[0] == n else t.repeat(n // t.shape[0], *(1,) * (t.dim() - 1))
+
+
 def conv_at_one_position(conv, window):
     """The single output of `conv` (no padding) whose receptive field is all of `window`
     (B, C, kh, kw), as one matrix product: on a CPU far cheaper than a convolution call on so small
@@ -50,13 +81,18 @@ class _ShiftedConv2d(nn.Module):
         self.filter_size, self.stride, self.pad = filter_size, stride, pad
         self.conv = weight_norm(nn.Conv2d(in_channels, out_channels, filter_size, stride))
 
-    def forward(self, x):
+    def forward(self, x, concat_elu_first=False):
+        """The convolution of x, or with concat_elu_first of concat_elu(x) (fused with the
+        padding): (B, C_in, H, W), or (B, C_in / 2, H, W) -> (B, C_out, H / stride, W / stride)."""
+        if concat_elu_first:
+            return self.conv(concat_elu_padded(x, self.pad))
         return self.conv(F.pad(x, self.pad))
 
-    def forward_window(self, x, region, pre=None):
-        """The region ((r0, r1), (c0, c1)) of forward(pre(x)), reading only the input it needs.
+    def forward_window(self, x, region, concat_elu_first=False):
+        """The region ((r0, r1), (c0, c1)) of forward(x, concat_elu_first), reading only the
+        input it needs.
 
-        x: the full input (B, C, H, W); pre: an elementwise function applied to what is read.
+        x: the full input (B, C, H, W); concat_elu is applied to what is read.
         Output (i, j) reads padded input rows i*s .. i*s + fh - 1 and columns j*s .. j*s + fw - 1;
         the parts of that window that fall in the padding are zeros here too. Used by the cached
         sampler, which recomputes one row or one pixel of every layer at a time.
@@ -68,8 +104,8 @@ class _ShiftedConv2d(nn.Module):
         y0, y1 = r0 * s - top, r1 * s - top + fh - 1          # input rows read (y1 < H: no bottom pad)
         x0, x1 = c0 * s - left, c1 * s - left + fw - 1        # input columns read
         x = x[:, :, max(y0, 0):y1 + 1, max(x0, 0):min(x1, W - 1) + 1]
-        if pre is not None:
-            x = pre(x)
+        if concat_elu_first:
+            x = concat_elu(x)
         pad = (max(0, -x0), max(0, x1 - (W - 1)), max(0, -y0), 0)
         x = F.pad(x, pad) if any(pad) else x
         return conv_at_one_position(self.conv, x) if r0 == r1 and c0 == c1 else self.conv(x)
@@ -201,11 +237,17 @@ class GatedResNet(nn.Module):
                 nn.init.zeros_(self.cond_proj.bias)
 
     def forward(self, x, a=None, cond=None):
-        h = self.conv_input(concat_elu(x))                   # (B, F, H, W)
+        """x: (B, F, H, W); a: the skip input, and cond: (n, cond_dim), each with B rows or with
+        n = K * B class-major image-label pairs (see add_pairs). Returns (n, F, H, W): the layers
+        before the first input with n rows run once per image."""
+        h = self.conv_input(x, concat_elu_first=True)        # (B, F, H, W)
         if a is not None:
-            h = h + self.nin_skip(concat_elu(a))
-        h = self._film(concat_elu(h), cond)                  # (B, 2F, H, W)
-        return x + self._gate(self.conv_out(self.dropout(h)), cond)
+            h = add_pairs(h, self.nin_skip(concat_elu(a)))
+        if self.training or self._film_on():
+            h = self.conv_out(self.dropout(self._film(concat_elu(h), cond)))   # (B or n, 2F, H, W)
+        else:   # the same without dropout and FiLM, concat_elu fused with the padding
+            h = self.conv_out(h, concat_elu_first=True)
+        return add_pairs(x, self._gate(h, cond))
 
     def forward_window(self, x, region, store, a=None, cond=None):
         """The region ((r0, r1), (c0, c1)) of forward(x, a, cond) in eval mode, for the cached
@@ -217,22 +259,25 @@ class GatedResNet(nn.Module):
         """
         assert not self.training, "forward_window skips dropout: call model.eval() first"
         (r0, r1), (c0, c1) = region
-        h = self.conv_input.forward_window(x, region, pre=concat_elu)  # (B, F, n, m)
+        h = self.conv_input.forward_window(x, region, concat_elu_first=True)   # (B, F, n, m)
         if a is not None:
             h = h + self.nin_skip(concat_elu(a))
         hidden = store(self._film(concat_elu(h), cond), region, *x.shape[2:])  # (B, 2F, H, W)
         return x[:, :, r0:r1 + 1, c0:c1 + 1] + self._gate(
             self.conv_out.forward_window(hidden, region), cond)
 
+    def _film_on(self):
+        return self.cond_proj is not None and self.fusion == "film"
+
     def _film(self, h, cond):
-        if self.cond_proj is None or self.fusion != "film":
+        if not self._film_on():
             return h
         gamma, beta = self.cond_proj(cond)[:, :, None, None].chunk(2, dim=1)   # (B, 2F, 1, 1) each
-        return h * (1 + gamma) + beta
+        return expand_pairs(h, gamma.shape[0]) * (1 + gamma) + beta
 
     def _gate(self, h, cond):
         """(B, 2F, H, W) -> (B, F, H, W): the value half times the sigmoid of the gate half."""
         if self.cond_proj is not None and self.fusion == "gated":
-            h = h + self.cond_proj(cond)[:, :, None, None]
+            h = add_pairs(h, self.cond_proj(cond)[:, :, None, None])
         value, gate = h.chunk(2, dim=1)                      # (B, F, H, W) each
         return value * torch.sigmoid(gate)

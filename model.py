@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import (NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d, DownShiftedConv2d,
-                    DownShiftedDeconv2d, GatedResNet, down_shift, right_shift)
+                    DownShiftedDeconv2d, GatedResNet, add_pairs, down_shift, expand_pairs,
+                    right_shift)
 
 # Where the class embedding enters the network, for each `fusion` value.
 FUSION_MODES = {
@@ -131,15 +132,25 @@ class PixelCNN(nn.Module):
                 if name == "embedding.weight" or name.endswith("proj.weight")]
 
     def forward(self, x, labels):
-        """x: (B, C, H, W) in [-1, 1]; labels: int64 (B,). Returns (B, mixture channels, H, W)."""
-        cond = self.embedding(labels) if self.embedding is not None else None   # (B, E)
+        """x: (B, C, H, W) in [-1, 1]; labels: int64 (n,). Returns (n, mixture channels, H, W).
+
+        With n = B, image i goes with labels[i]. With n = K * B, the output holds K * B
+        image-label pairs in class-major order, pair k * B + i being image i under
+        labels[k * B + i] (as `utils.class_log_likelihoods` lays out every class): it equals
+        forward(x.repeat(K, 1, 1, 1), labels), but the layers before the label first enters (with
+        gated fusion, the first convolutions and the first u-stream block) run once per image.
+        """
+        if x.shape[0] == 0 or labels.shape[0] % x.shape[0]:
+            raise ValueError(f"labels ({labels.shape[0]}) must be a multiple of the images "
+                             f"({x.shape[0]}): one label per image, or K per image class-major")
+        cond = self.embedding(labels) if self.embedding is not None else None   # (n, E)
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)                   # (B, C+1, H, W)
         u = down_shift(self.u_init(x))                                           # (B, F, H, W)
         ul = down_shift(self.ul_init_up(x)) + right_shift(self.ul_init_left(x))
         if self.early_proj is not None:
             early_u, early_ul = self.early_proj(cond)[:, :, None, None].chunk(2, dim=1)
-            u, ul = u + early_u, ul + early_ul
+            u, ul = add_pairs(u, early_u), add_pairs(ul, early_ul)
 
         u_skips, ul_skips = [u], [ul]
         for stage in range(3):
@@ -158,14 +169,17 @@ class PixelCNN(nn.Module):
         for stage in range(3):
             for u_blk, ul_blk in zip(self.down_u[stage], self.down_ul[stage]):
                 u = u_blk(u, a=u_skips.pop(), cond=cond)
-                ul = ul_blk(ul, a=torch.cat([u, ul_skips.pop()], dim=1), cond=cond)
+                ul_skip = ul_skips.pop()
+                n = max(u.shape[0], ul_skip.shape[0])
+                ul = ul_blk(ul, a=torch.cat([expand_pairs(u, n), expand_pairs(ul_skip, n)], dim=1),
+                            cond=cond)
             if stage < 2:
                 u = self.upsize_u[stage](u)                                      # (B, F, 2H, 2W)
                 ul = self.upsize_ul[stage](ul)
 
         if self.late_proj is not None:
-            ul = ul + self.late_proj(cond)[:, :, None, None]
-        return self.nin_out(F.elu(ul))
+            ul = add_pairs(ul, self.late_proj(cond)[:, :, None, None])
+        return expand_pairs(self.nin_out(F.elu(ul)), labels.shape[0])   # (n, ..., H, W)
 
     def forward_region(self, cache, rows, cols, streams=("u", "ul")):
         """Rows rows[0]..rows[1] and columns cols[0]..cols[1] of forward(cache.x, labels),

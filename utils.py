@@ -193,22 +193,18 @@ def sample_fast(model, labels, obs=(3, 32, 32), generator=None, progress=False):
     return cache.x[:, :C].clone()
 
 
-def class_log_likelihoods(model, x, num_classes, batch_size=None):
+def class_log_likelihoods(model, x, num_classes):
     """log p(x | c) in nats for every class: (B, C, H, W) -> (B, num_classes).
 
-    Every image is paired with every class and the pairs go through the network in batches of
-    `batch_size` pairs (default: all B * num_classes at once). The Bayes classifier is
+    One network pass over the B * num_classes image-class pairs, class-major, in which the layers
+    before the class first enters run once per image (PixelCNN.forward). The Bayes classifier is
     `class_log_likelihoods(...).argmax(dim=1)`. Gradients flow (the hybrid objective trains
     through it); wrap it in `torch.no_grad()` to evaluate.
     """
     B = x.shape[0]
     labels = torch.arange(num_classes, device=x.device).repeat_interleave(B)   # (num_classes*B,)
-    images = x.repeat(num_classes, 1, 1, 1)                                    # (num_classes*B, C, H, W)
-    step = batch_size or images.shape[0]
-    nll = torch.cat([
-        discretized_mix_logistic_loss(images[s:s + step], model(images[s:s + step], labels[s:s + step]),
-                                      reduction="none")
-        for s in range(0, images.shape[0], step)])                             # (num_classes*B,)
+    nll = discretized_mix_logistic_loss(x.repeat(num_classes, 1, 1, 1), model(x, labels),
+                                        reduction="none")                      # (num_classes*B,)
     return -nll.view(num_classes, B).t()                                       # (B, num_classes)
 
 

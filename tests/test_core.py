@@ -355,12 +355,38 @@ def test_class_log_likelihoods_match_per_class_loop():
         loop = torch.stack([
             -discretized_mix_logistic_loss(x, model(x, torch.full((2,), c)), reduction="none")
             for c in range(num_classes)], dim=1)                             # (B, num_classes)
+        ll = class_log_likelihoods(model, x, num_classes)
     assert (loop[:, 0] - loop[:, 1]).abs().min() > 1e-2   # classes differ, so a mix-up shows
     assert (loop[0] - loop[1]).abs().min() > 1e-2         # and so do the images
-    for batch_size in (None, 1, 4):                       # 4: the last chunk is partial
-        ll = class_log_likelihoods(model, x, num_classes, batch_size=batch_size)
-        assert ll.shape == (2, num_classes)
-        torch.testing.assert_close(ll, loop, rtol=1e-5, atol=1e-3)
+    assert ll.shape == (2, num_classes)
+    torch.testing.assert_close(ll, loop, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSION_MODES))
+def test_every_class_at_once_equals_repeated_images(fusion):
+    """forward(x, K labels per image) shares the work before the label enters between the
+    classes, and gives what the repeated images give, in values and in gradients."""
+    model = tiny_model(fusion=fusion, num_classes=3)
+    x = grid_images(2, 3, 8, 8)
+    labels = torch.arange(3).repeat_interleave(2)                           # (6,) class-major
+    batches = []
+    hook = model.u_init.register_forward_hook(lambda m, inp, out: batches.append(inp[0].shape[0]))
+    shared = model(x, labels)
+    hook.remove()
+    repeated = model(x.repeat(3, 1, 1, 1), labels)
+    assert batches == [2]                                   # the first layer saw each image once
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), list(model.parameters()), allow_unused=True)
+             for out in (model(x, labels), model(x.repeat(3, 1, 1, 1), labels))]
+    for g_shared, g_repeated in zip(*grads):
+        if g_repeated is not None:
+            torch.testing.assert_close(g_shared, g_repeated, rtol=1e-4, atol=1e-4)
+
+
+def test_labels_not_a_multiple_of_the_images_is_an_error():
+    model = tiny_model(num_classes=3)
+    with pytest.raises(ValueError, match="multiple of the images"):
+        model(grid_images(2, 3, 8, 8), torch.arange(3))
 
 
 # ----------------------------------------------------------------------------------- checkpoints

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layers import (NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d, DownShiftedConv2d,
-                    DownShiftedDeconv2d, concat_elu)
+                    DownShiftedDeconv2d, GatedResNet, concat_elu)
 from model import FUSION_MODES, LayerCache, PixelCNN
 from utils import dataset_log_likelihoods, discretized_mix_logistic_loss, sample, sample_fast
 
@@ -48,8 +48,33 @@ def test_layer_window_equals_full_output(layer):
                                    full[:, :, r0:r1 + 1, c0:c1 + 1], atol=1e-5, rtol=1e-5)
     if not hasattr(layer, "deconv"):
         half = x[:, :3]                                                     # concat_elu doubles it
-        torch.testing.assert_close(layer.forward_window(half, ((1, 1), (2, 2)), pre=concat_elu),
+        torch.testing.assert_close(layer.forward_window(half, ((1, 1), (2, 2)), True),
                                    layer(concat_elu(half))[:, :, 1:2, 2:3], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", LAYERS[:4], ids=lambda layer: f"{type(layer).__name__}{layer.filter_size}")
+def test_concat_elu_fused_with_padding_equals_the_two_steps(layer):
+    """forward(x, concat_elu_first=True) builds concat_elu(x) inside the padded buffer: the same
+    values, and the same gradient with respect to x."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 12, requires_grad=True)
+    fused, plain = layer(x, concat_elu_first=True), layer(concat_elu(x))
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+    (g_fused,), (g_plain,) = (torch.autograd.grad(out.square().sum(), x) for out in (fused, plain))
+    torch.testing.assert_close(g_fused, g_plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["gated", "film", None])
+def test_gated_block_in_eval_mode_equals_the_training_formula(fusion):
+    """In eval mode the block fuses its second concat_elu with the padding (not under FiLM,
+    which acts between the two); with dropout 0 training mode computes the same output the
+    straightforward way."""
+    torch.manual_seed(0)
+    block = GatedResNet(6, DownRightShiftedConv2d, skip_channels=6, dropout=0.0,
+                        cond_dim=4 if fusion else None, fusion=fusion or "gated")
+    x, a, cond = torch.randn(2, 6, 8, 12), torch.randn(2, 6, 8, 12), torch.randn(2, 4)
+    reference = block.train()(x, a, cond)
+    torch.testing.assert_close(block.eval()(x, a, cond), reference, atol=1e-6, rtol=1e-6)
 
 
 @torch.no_grad()
