@@ -12,43 +12,15 @@ test split it writes `submission.csv` (`id,label` rows in file order) and `logit
 """
 
 import argparse
-import pickle
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dataset import DatasetError, load_dataset, one_line
-from model import PixelCNN
+from dataset import DatasetError, load_dataset
+from model import DEFAULT_CHECKPOINT, load_model
 from utils import bf16_autocast, class_log_likelihoods, dataset_log_likelihoods, pick_device
-
-DEFAULT_CHECKPOINT = "models/conditional_pixelcnn.pth"
-
-
-def load_model(path, device="cpu"):
-    """Rebuild the model from a checkpoint alone (its state_dict records the architecture), in
-    eval mode. Takes the best-model file or a pcnn_train resume file. Raises FileNotFoundError or
-    ValueError with a one-line message naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python pcnn_train.py` "
-                                f"or pass --checkpoint PATH")
-    try:
-        state_dict = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (a Git LFS pointer or a "
-                         f"truncated download?): {one_line(err)}") from err
-    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
-        state_dict = state_dict["model"]                     # a pcnn_train resume file
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path} does not hold a state_dict")
-    try:
-        model = PixelCNN.from_state_dict(state_dict)
-    except (ValueError, RuntimeError, KeyError) as err:
-        raise ValueError(f"{path}: {one_line(err)}") from err
-    return model.to(device).eval()
-
 
 @torch.no_grad()
 def get_label(model, model_input, device):

@@ -36,8 +36,8 @@ from pytorch_fid.fid_score import (IMAGE_EXTENSIONS, calculate_activation_statis
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 from torchvision.utils import save_image
 
-from classification_evaluation import DEFAULT_CHECKPOINT, load_model
 from dataset import CLASS_NAMES, my_bidict, one_line, rescaling_inv
+from model import DEFAULT_CHECKPOINT, load_model
 from utils import pick_device, sample_fast
 
 IMAGE_SIZE = 32                 # the course samples and grades 32x32 images

@@ -20,13 +20,20 @@ downsamplings (32 -> 16 -> 8); the down pass mirrors it and consumes the up pass
 inputs.
 """
 
+import pickle
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataset import one_line
 from layers import (NIN, DownRightShiftedConv2d, DownRightShiftedDeconv2d, DownShiftedConv2d,
                     DownShiftedDeconv2d, GatedResNet, add_pairs, down_shift, expand_pairs,
                     right_shift)
+
+CHECKPOINT_NAME = "conditional_pixelcnn.pth"        # the file the course's evaluation scripts load
+DEFAULT_CHECKPOINT = f"models/{CHECKPOINT_NAME}"   # where pcnn_train.py writes it by default
 
 # Where the class embedding enters the network, for each `fusion` value.
 FUSION_MODES = {
@@ -278,6 +285,30 @@ class PixelCNN(nn.Module):
         model = cls(**config)
         model.load_state_dict(state_dict)
         return model
+
+
+def load_model(path, device="cpu"):
+    """Rebuild the model from a checkpoint alone (its state_dict records the architecture), in
+    eval mode. Takes the best-model file or a pcnn_train resume file. Raises FileNotFoundError or
+    ValueError with a one-line message naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python pcnn_train.py` "
+                                f"or pass --checkpoint PATH")
+    try:
+        state_dict = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (a Git LFS pointer or a "
+                         f"truncated download?): {one_line(err)}") from err
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
+        state_dict = state_dict["model"]                     # a pcnn_train resume file
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} does not hold a state_dict")
+    try:
+        model = PixelCNN.from_state_dict(state_dict)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise ValueError(f"{path}: {one_line(err)}") from err
+    return model.to(device).eval()
 
 
 class LayerCache:

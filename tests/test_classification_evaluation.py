@@ -120,7 +120,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
-    """The checkpoint loaded without classification_evaluation.load_model."""
+    """The checkpoint loaded without model.load_model."""
     return PixelCNN.from_state_dict(torch.load(checkpoint)).eval()
 
 

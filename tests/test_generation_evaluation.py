@@ -282,6 +282,16 @@ def test_undefined_fid_exits_3_with_a_clear_message(tmp_path, checkpoint, fid_we
     assert sorted(p.name for p in gen.glob("*.png")) == sample_names(2)
 
 
+def test_imports_neither_evaluation_script():
+    """The model and its loader come from model.py: sampling does not load the classifier's
+    script (a fresh process, since other tests import it here)."""
+    probe = "import sys, generation_evaluation; print('classification_evaluation' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
 def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
     r = run_script("--checkpoint", tmp_path / "nope.pth", "--gen_data_dir", tmp_path / "s",
                    "--skip_fid")

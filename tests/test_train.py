@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import pcnn_train
-from classification_evaluation import load_model
-from model import PixelCNN
+from model import CHECKPOINT_NAME, DEFAULT_CHECKPOINT, PixelCNN, load_model
 from utils import bf16_pays, class_log_likelihoods, discretized_mix_logistic_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,12 +77,12 @@ def test_checkpoint_rebuilds_in_fresh_process(trained, tmp_path):
     """The best checkpoint rebuilds with no flags in a new process and gives the same outputs;
     the course's own loading (build the model, then load_state_dict(torch.load(path))) works."""
     run, _ = trained
-    ckpt = run / pcnn_train.BEST_NAME
+    ckpt = run / CHECKPOINT_NAME
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     labels = torch.tensor([0, 2, 3])
     torch.save({"x": x, "labels": labels}, tmp_path / "inputs.pt")
     script = (
-        "import sys, torch; from classification_evaluation import load_model; "
+        "import sys, torch; from model import load_model; "
         f"m = load_model({str(ckpt)!r}); d = torch.load({str(tmp_path / 'inputs.pt')!r}); "
         f"torch.save(m(d['x'], d['labels']), {str(tmp_path / 'out.pt')!r})")
     subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=120)
@@ -104,6 +103,13 @@ def test_booleans_are_real(text, value):
     assert args.en_wandb is value and args.amp is value
     assert pcnn_train.parse_args(["--en_wandb"]).en_wandb is True
     assert pcnn_train.parse_args([]).en_wandb is False
+
+
+def test_training_writes_where_evaluation_reads():
+    """One default checkpoint path: pcnn_train.py's output is the evaluation scripts' input."""
+    import classification_evaluation
+    assert Path(pcnn_train.parse_args([]).save_dir) / CHECKPOINT_NAME == Path(DEFAULT_CHECKPOINT)
+    assert classification_evaluation.build_parser().parse_args([]).checkpoint == DEFAULT_CHECKPOINT
 
 
 def test_preset_sets_defaults_and_flags_win():
