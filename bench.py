@@ -3,6 +3,7 @@
     python bench.py                       # CPU, a few minutes on 2 cores
     python bench.py --device cuda         # the same figures on a GPU
     python bench.py --only sampling       # one section
+    python bench.py --data_dir ../shared/cpen455 --only classification   # the data elsewhere
 
 Each line prints the straightforward time, the fast time and their ratio, plus peak memory.
 1. Sampling 100 images (25 per class) at 32x32: `utils.sample` (one full forward pass per pixel)
@@ -14,8 +15,9 @@ Each line prints the straightforward time, the fast time and their ratio, plus p
 2. Classifying the 519 validation images: the course's pattern (a forward pass per class per
    batch of 32 and a Python loop over images in the loss) against `dataset_log_likelihoods` with
    its defaults (8 images per batch on a CPU, weight norm computed once), in float32 and under
-   bf16 autocast. Then it counts the predictions of each that differ from the course pattern's,
-   with the shipped model (models/conditional_pixelcnn.pth) when it is there.
+   bf16 autocast, on the validation split in --data_dir. Then it counts the predictions of each
+   that differ from the course pattern's, with --checkpoint (the shipped model,
+   models/conditional_pixelcnn.pth, by default) when it is there.
 3. Training step at 40 filters, 1 resnet, 5 mixtures, batch 32: float32 eager against bf16
    autocast (the loss in float32), eager and under torch.compile.
 Speed does not depend on the weights, so the other models are random.
@@ -23,20 +25,19 @@ Speed does not depend on the weights, so the other models are random.
 
 import argparse
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from dataset import load_dataset
-from model import PixelCNN
+from dataset import DatasetError, load_dataset
+from model import DEFAULT_CHECKPOINT, PixelCNN, load_model
 from utils import (bf16_autocast, dataset_log_likelihoods, discretized_mix_logistic_loss,
                    pick_device, sample_fast)
 
 SIZES = {"40/1/5": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5),
          "160/5/10": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10)}
-DATA = Path(__file__).resolve().parent.parent / "shared" / "cpen455"
-SHIPPED = Path(__file__).resolve().parent / "models" / "conditional_pixelcnn.pth"
 
 
 def sync(device):
@@ -87,42 +88,39 @@ def bench_sampling(device, slow_pixels, rows):
 
 
 @torch.inference_mode()
-def bench_classification(device):
-    val = load_dataset("cpen455", DATA, "validation")
-    if SHIPPED.is_file():
-        model = PixelCNN.from_state_dict(torch.load(SHIPPED, map_location="cpu", weights_only=True))
-    else:
-        model = PixelCNN(**SIZES["40/1/5"])
-    model = model.to(device).eval()
+def bench_classification(device, val, model, model_name):
+    """val: the validation split; model: the classifier whose predictions bf16 may change, named
+    model_name in the output."""
 
     predictions = {}
 
     def course_pattern():
         """One pass per class per batch of 32, a Python loop over images in the loss."""
-        nll = torch.zeros(len(val.images), 4)
+        nll = torch.zeros(len(val.images), val.num_classes)                 # (N, classes)
         for s in range(0, len(val.images), 32):
             x = val.images[s:s + 32].to(device)
-            for c in range(4):
+            for c in range(val.num_classes):
                 out = model(x, torch.full((x.shape[0],), c, device=device))
                 for i in range(x.shape[0]):
                     nll[s + i, c] = discretized_mix_logistic_loss(x[i:i + 1], out[i:i + 1]).item()
-        predictions["course"] = nll.argmin(1)                               # (519,)
+        predictions["course"] = nll.argmin(1)                               # (N,)
 
     def batched(precision, autocast):
         """dataset_log_likelihoods, keeping its predictions for the comparison below."""
-        ll = dataset_log_likelihoods(model, val.images, 4, device=device, autocast=autocast)
-        predictions[precision] = ll.argmax(1)                                # (519,)
+        ll = dataset_log_likelihoods(model, val.images, val.num_classes, device=device,
+                                     autocast=autocast)                      # (N, classes)
+        predictions[precision] = ll.argmax(1)                                # (N,)
 
     slow = timed(course_pattern, device)
     fast = timed(lambda: batched("fp32", bf16_autocast(device, False)), device)
-    report("classify 519 validation images, 40/1/5", slow, fast, device)
+    size = "/".join(str(model.config[k]) for k in ("nr_filters", "nr_resnet", "nr_logistic_mix"))
+    report(f"classify {len(val.images)} validation images, {size}", slow, fast, device)
     fast_bf16 = timed(lambda: batched("bf16", bf16_autocast(device)), device)
     report("  the same under bf16 autocast", slow, fast_bf16, device)
-    weights = "shipped model" if SHIPPED.is_file() else "random weights"
     for precision in ("fp32", "bf16"):
         changed = (predictions[precision] != predictions["course"]).sum().item()
         print(f"  {precision} changes {changed} of {len(val.images)} predictions of the course "
-              f"pattern ({weights})", flush=True)
+              f"pattern ({model_name})", flush=True)
 
 
 def bench_training(device, steps):
@@ -156,12 +154,21 @@ def bench_training(device, steps):
 
 def main(args):
     device = pick_device(args.device)
+    sections = ("sampling", "classification", "training") if args.only is None else (args.only,)
+    if "classification" in sections:   # bad input fails here, not after minutes of sampling
+        trained = Path(args.checkpoint).is_file()
+        try:
+            val = load_dataset("cpen455", args.data_dir, "validation")
+            model = (load_model(args.checkpoint, device) if trained
+                     else PixelCNN(**SIZES["40/1/5"]).to(device).eval())
+        except (DatasetError, ValueError) as err:
+            sys.exit(f"error: {err}")
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if args.only in (None, "sampling"):
+    if "sampling" in sections:
         bench_sampling(device, args.slow_pixels, args.rows)
-    if args.only in (None, "classification"):
-        bench_classification(device)
-    if args.only in (None, "training"):
+    if "classification" in sections:
+        bench_classification(device, val, model, args.checkpoint if trained else "random weights")
+    if "training" in sections:
         bench_training(device, args.train_steps)
 
 
@@ -171,6 +178,11 @@ if __name__ == "__main__":
                    help="auto picks cuda, then mps, then cpu")
     p.add_argument("--only", choices=("sampling", "classification", "training"), default=None,
                    help="run one section")
+    p.add_argument("-i", "--data_dir", default="data",
+                   help="folder holding the CPEN455 dataset (the classification section reads "
+                        "its validation split)")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="model for the classification section; random weights when missing")
     p.add_argument("--slow_pixels", type=int, default=2,
                    help="full forward passes timed for the straightforward sampler")
     p.add_argument("--rows", type=int, default=4,
