@@ -25,7 +25,9 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import DatasetError, load_dataset, rescaling_inv
+from dataset import DatasetError, TensorImageDataset, load_dataset, rescaling_inv
 from model import CHECKPOINT_NAME, DEFAULT_CHECKPOINT, FUSION_MODES, PixelCNN
 from utils import bf16_autocast, bf16_pays, bits_per_dim, dataset_log_likelihoods, \
     discretized_mix_logistic_loss, pick_device, sample_fast
@@ -184,7 +186,71 @@ def plot_curves(log, path):
     plt.close(fig)
 
 
-def main(args):
+@dataclass
+class Run:
+    """What one training process sets up once and every step reads: its place among the
+    processes, the device, the data, the model with its optimizer, schedule and EMA, and the files
+    it writes."""
+    args: argparse.Namespace
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast: Callable              # zero-argument factory of the forward pass's autocast context
+    train: TensorImageDataset
+    val: TensorImageDataset
+    model: PixelCNN                 # the bare model: EMA, checkpoints and evaluation use it
+    fwd_model: torch.nn.Module      # what the training step calls: compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: EMA | None
+    data_gen: torch.Generator       # epoch order and flips, saved on resume
+    run_dir: Path
+    best_path: Path
+    wandb: Any = None               # the wandb module on rank 0 with --en_wandb, else None
+
+    @property
+    def master(self):
+        """Rank 0 alone prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def resume_path(self):
+        return self.run_dir / "resume.pt"
+
+    @property
+    def batches_per_epoch(self):
+        return self.train.images.shape[0] // self.args.batch_size   # drop the ragged last batch
+
+    @property
+    def num_dims(self):
+        return math.prod(self.train.images.shape[1:])                 # C * H * W
+
+    @property
+    def shard(self):
+        """This process's rows of every global batch."""
+        local_batch = self.args.batch_size // self.world_size
+        return slice(self.rank * local_batch, (self.rank + 1) * local_batch)
+
+
+@dataclass
+class Progress:
+    """Where the run stands. With the weights, optimizer, schedule, EMA and random generators it
+    is what resume.pt holds."""
+    epoch: int = 0                  # epochs finished
+    batch_index: int = 0            # batches of the current epoch finished
+    step: int = 0                   # optimizer steps taken
+    best_acc: float = -1.0          # best validation accuracy so far
+    log: list = field(default_factory=list)   # the records of log.jsonl
+    perm: torch.Tensor | None = None          # the current epoch's image order, (N,)
+
+
+def setup(args):
+    """Processes, device, data, model, optimizer, schedule, EMA, output folders and wandb: the Run
+    the other steps share. Bad flags and bad data exit with a one-line error."""
     # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without it this is the only process.
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -214,8 +280,6 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    autocast = bf16_autocast(device, use_amp)
-
     if ddp and not master:
         dist.barrier()   # rank 0 downloads the data if it is missing; the others read it after
     try:
@@ -225,11 +289,12 @@ def main(args):
         sys.exit(f"error: {err}")
     if ddp and master:
         dist.barrier()
-    obs = tuple(train.images.shape[1:])                                          # (C, H, W)
-    num_dims = math.prod(obs)
+    if train.images.shape[0] < args.batch_size:
+        sys.exit(f"error: --batch_size {args.batch_size} exceeds the {train.images.shape[0]} "
+                 f"training images")
 
     model = PixelCNN(nr_resnet=args.nr_resnet, nr_filters=args.nr_filters,
-                     nr_logistic_mix=args.nr_logistic_mix, input_channels=obs[0],
+                     nr_logistic_mix=args.nr_logistic_mix, input_channels=train.images.shape[1],
                      num_classes=train.num_classes, fusion=args.fusion,
                      dropout=args.dropout).to(device)
     fwd_model = torch.compile(model) if args.compile else model
@@ -238,183 +303,230 @@ def main(args):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, args.warmup_steps, args.lr_decay))
-    ema = EMA(model, args.ema) if args.ema > 0 else None
-    data_gen = torch.Generator().manual_seed(args.seed)   # epoch order and flips, saved on resume
 
     run_dir, save_dir = Path(args.run_dir), Path(args.save_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    Path(args.sample_dir).mkdir(parents=True, exist_ok=True)
-    resume_path, best_path = run_dir / "resume.pt", save_dir / CHECKPOINT_NAME
-    epoch, batch_index, step, best_acc, log, perm = 0, 0, 0, -1.0, [], None
-    if args.resume:
-        if not resume_path.exists():
-            sys.exit(f"error: --resume given but {resume_path} does not exist")
-        ckpt = torch.load(resume_path, weights_only=True, map_location="cpu")
-        if ckpt["model"]["_extra_state"] != model.config:
-            sys.exit(f"error: {resume_path} holds PixelCNN({ckpt['model']['_extra_state']}), "
-                     f"but the flags build PixelCNN({model.config})")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
-        data_gen.set_state(ckpt["data_gen"])
-        if len(ckpt["rng"]) == world_size:
-            torch.set_rng_state(ckpt["rng"][rank])
-            if device.type == "cuda" and ckpt["cuda_rng"][rank] is not None:
-                torch.cuda.set_rng_state(ckpt["cuda_rng"][rank])
-        elif master:
-            print(f"note: {resume_path} was written by {len(ckpt['rng'])} processes, this run has "
-                  f"{world_size}: the data order continues exactly, the dropout masks do not")
-        epoch, batch_index, step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
-        best_acc, log, perm = ckpt["best_acc"], ckpt["log"], ckpt["perm"]
-        if master:
-            print(f"resumed from {resume_path}: epoch {epoch}, batch {batch_index}, step {step}")
-
-    def save_resume():
-        # Every process's dropout generators, by rank; everything else is the same on all of them.
-        rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if device.type == "cuda" else None)
-        rngs = [rng] * world_size
-        if ddp:
-            dist.all_gather_object(rngs, rng)
-        if master:
-            atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                             scheduler=scheduler.state_dict(),
-                             ema=ema.state if ema is not None else None,
-                             data_gen=data_gen.get_state(), rng=[r for r, _ in rngs],
-                             cuda_rng=[c for _, c in rngs], epoch=epoch, batch_index=batch_index,
-                             step=step, best_acc=best_acc, log=log, perm=perm, args=vars(args)),
-                        resume_path)
-
+    for folder in (run_dir, save_dir, Path(args.sample_dir)):
+        folder.mkdir(parents=True, exist_ok=True)
     wandb = None
     if args.en_wandb and master:
         import wandb
         wandb.init(project="cpen455-pixelcnn", config=vars(args), name=args.tag, resume="allow")
+    return Run(args=args, rank=rank, world_size=world_size, device=device,
+               autocast=bf16_autocast(device, use_amp), train=train, val=val, model=model,
+               fwd_model=fwd_model, optimizer=optimizer, scheduler=scheduler,
+               ema=EMA(model, args.ema) if args.ema > 0 else None,
+               data_gen=torch.Generator().manual_seed(args.seed), run_dir=run_dir,
+               best_path=save_dir / CHECKPOINT_NAME, wandb=wandb)
 
-    n_train = train.images.shape[0]
-    batches_per_epoch = n_train // args.batch_size   # drop the ragged last batch
-    if batches_per_epoch == 0:
-        sys.exit(f"error: --batch_size {args.batch_size} exceeds the {n_train} training images")
-    local_batch = args.batch_size // world_size
-    shard = slice(rank * local_batch, (rank + 1) * local_batch)   # this process's rows of a batch
-    start_time = time.time()
+
+def load_resume(run):
+    """Put the weights, optimizer, schedule, EMA, data order and random generators back as
+    <run_dir>/resume.pt holds them; returns the Progress it holds."""
+    path = run.resume_path
+    if not path.exists():
+        sys.exit(f"error: --resume given but {path} does not exist")
+    ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    if ckpt["model"]["_extra_state"] != run.model.config:
+        sys.exit(f"error: {path} holds PixelCNN({ckpt['model']['_extra_state']}), "
+                 f"but the flags build PixelCNN({run.model.config})")
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.ema is not None:
+        run.ema.state = {k: v.to(run.device) for k, v in ckpt["ema"].items()}
+    run.data_gen.set_state(ckpt["data_gen"])
+    if len(ckpt["rng"]) == run.world_size:
+        torch.set_rng_state(ckpt["rng"][run.rank])
+        if run.device.type == "cuda" and ckpt["cuda_rng"][run.rank] is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"][run.rank])
+    elif run.master:
+        print(f"note: {path} was written by {len(ckpt['rng'])} processes, this run has "
+              f"{run.world_size}: the data order continues exactly, the dropout masks do not")
+    progress = Progress(**{k: ckpt[k] for k in
+                           ("epoch", "batch_index", "step", "best_acc", "log", "perm")})
+    if run.master:
+        print(f"resumed from {path}: epoch {progress.epoch}, batch {progress.batch_index}, "
+              f"step {progress.step}")
+    return progress
+
+
+def save_resume(run, progress):
+    """Write <run_dir>/resume.pt (atomically, on rank 0): everything `load_resume` restores."""
+    # Every process's dropout generators, by rank; everything else is the same on all of them.
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if run.device.type == "cuda" else None)
+    rngs = [rng] * run.world_size
+    if run.ddp:
+        dist.all_gather_object(rngs, rng)
+    if run.master:
+        atomic_save(dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+                         scheduler=run.scheduler.state_dict(),
+                         ema=run.ema.state if run.ema is not None else None,
+                         data_gen=run.data_gen.get_state(), rng=[r for r, _ in rngs],
+                         cuda_rng=[c for _, c in rngs], **asdict(progress), args=vars(run.args)),
+                    run.resume_path)
+
+
+def next_batch(run, perm, i):
+    """Batch i of the epoch's order perm, flipped at random with --flip: this process's slice,
+    (b, C, H, W) and (b,), on the device. Every process draws the same global batch and flips."""
+    args = run.args
+    idx = perm[i * args.batch_size:(i + 1) * args.batch_size][run.shard]
+    x, y = run.train.images[idx], run.train.labels[idx]                     # (b, C, H, W), (b,)
+    if args.flip:
+        mirror = (torch.rand(args.batch_size, generator=run.data_gen) < 0.5)[run.shard]
+        x = torch.where(mirror[:, None, None, None], x.flip(dims=[3]), x)
+    return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+
+
+def train_step(run, x, y, progress):
+    """One optimizer step on the batch (x, y): forward, loss, backward, clip, step, EMA.
+
+    Returns the global batch's (mean nll, objective, summed nll), the same on every process.
+    A non-finite objective exits naming the step."""
+    args = run.args
+    with run.autocast():
+        m = max(1, int(args.disc_fraction * x.shape[0])) if args.disc_weight > 0 else 0
+        nll, logits = training_pass(run.fwd_model, x, y, run.train.num_classes, m,  # (b,), (m, C)
+                                    run.model if args.disc_params == "label" else None)
+        # The mean over the local batch: DDP averages the gradients over the processes.
+        loss = nll.mean() / run.num_dims                                     # nats/dim
+        if logits is not None:
+            loss = loss + args.disc_weight * F.cross_entropy(logits, y[:m])
+    # Global numbers on every process, so the log shows the whole batch and a non-finite loss
+    # stops all of them at the same step.
+    stats = torch.stack([nll.mean(), loss, nll.sum()]).detach()
+    if run.ddp:
+        dist.all_reduce(stats)
+        stats[:2] /= run.world_size
+    mean_nll, loss_value, sum_nll = stats.tolist()
+    if not math.isfinite(loss_value):
+        sys.exit(f"error: non-finite loss ({loss_value}) at step {progress.step + 1} (epoch "
+                 f"{progress.epoch + 1}); stopping. The last good checkpoints are "
+                 f"{run.best_path} and {run.resume_path}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.model, progress.step)
+    return mean_nll, loss_value, sum_nll
+
+
+def stop_reason_after(run, step, start_time):
+    """Why the run stops after `step`, or None: --max_steps, or --max_minutes since start_time."""
+    args = run.args
+    if args.max_steps and step >= args.max_steps:
+        return f"reached --max_steps {args.max_steps}"
+    if args.max_minutes:
+        # Clocks differ between processes: rank 0 decides for all, so none trains alone.
+        out_of_time = torch.tensor(time.time() - start_time >= 60 * args.max_minutes,
+                                   device=run.device)
+        if run.ddp:
+            dist.broadcast(out_of_time, src=0)
+        if out_of_time:
+            return f"reached --max_minutes {args.max_minutes}"
+    return None
+
+
+def train_epoch(run, progress, start_time):
+    """Train from progress.batch_index to the end of the epoch, or until a stop condition.
+
+    Returns the stop reason (None when the epoch ran out) and the dict of what the epoch trained
+    (summed nll, images, seconds) for its record."""
+    if progress.perm is None:
+        progress.perm = torch.randperm(run.train.images.shape[0], generator=run.data_gen)
+    epoch_start, epoch_nll, epoch_images = time.time(), 0.0, 0
     stop_reason = None
-    if master:
-        print(f"training PixelCNN({model.config}) on {device}"
-              f"{f' x {world_size} processes' if ddp else ''}, "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-
-    while epoch < args.max_epochs and stop_reason is None:
-        if perm is None:
-            perm = torch.randperm(n_train, generator=data_gen)
-        epoch_start, epoch_nll, epoch_images = time.time(), 0.0, 0
-        bar = tqdm(range(batch_index, batches_per_epoch), desc=f"epoch {epoch + 1}", leave=False,
-                   disable=not master)
+    with tqdm(range(progress.batch_index, run.batches_per_epoch), desc=f"epoch {progress.epoch + 1}",
+              leave=False, disable=not run.master) as bar:
         for i in bar:
-            # Every process draws the same global batch and flips, then keeps its own slice.
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size][shard]
-            x, y = train.images[idx], train.labels[idx]                          # (b, C, H, W), (b,)
-            if args.flip:
-                mirror = (torch.rand(args.batch_size, generator=data_gen) < 0.5)[shard]
-                x = torch.where(mirror[:, None, None, None], x.flip(dims=[3]), x)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = next_batch(run, progress.perm, i)
+            mean_nll, loss_value, sum_nll = train_step(run, x, y, progress)
+            progress.step, progress.batch_index = progress.step + 1, i + 1
 
-            with autocast():
-                m = max(1, int(args.disc_fraction * x.shape[0])) if args.disc_weight > 0 else 0
-                nll, logits = training_pass(fwd_model, x, y, train.num_classes, m,  # (b,), (m, C)
-                                            model if args.disc_params == "label" else None)
-                # The mean over the local batch: DDP averages the gradients over the processes.
-                loss = nll.mean() / num_dims                                     # nats/dim
-                if logits is not None:
-                    loss = loss + args.disc_weight * F.cross_entropy(logits, y[:m])
-            # Global numbers on every process, so the log shows the whole batch and a non-finite
-            # loss stops all of them at the same step.
-            stats = torch.stack([nll.mean(), loss, nll.sum()]).detach()
-            if ddp:
-                dist.all_reduce(stats)
-                stats[:2] /= world_size
-            mean_nll, loss_value, sum_nll = stats.tolist()
-            if not math.isfinite(loss_value):
-                sys.exit(f"error: non-finite loss ({loss_value}) at step {step + 1} (epoch "
-                         f"{epoch + 1}); stopping. The last good checkpoints are {best_path} "
-                         f"and {resume_path}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model, step)
-            step, batch_index = step + 1, i + 1
-
-            batch_bpd = bits_per_dim(mean_nll, num_dims)
+            batch_bpd = bits_per_dim(mean_nll, run.num_dims)
             epoch_nll += sum_nll
-            epoch_images += args.batch_size
-            bar.set_postfix(bpd=f"{batch_bpd:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if master:
-                with open(run_dir / "steps.csv", "a") as f:
-                    f.write(f"{step},{epoch + 1},{batch_bpd:.6f},{loss_value:.8f}\n")
-            if args.max_steps and step >= args.max_steps:
-                stop_reason = f"reached --max_steps {args.max_steps}"
-            elif args.max_minutes:
-                # Clocks differ between processes: rank 0 decides for all, so none trains alone.
-                out_of_time = torch.tensor(time.time() - start_time >= 60 * args.max_minutes,
-                                           device=device)
-                if ddp:
-                    dist.broadcast(out_of_time, src=0)
-                if out_of_time:
-                    stop_reason = f"reached --max_minutes {args.max_minutes}"
+            epoch_images += run.args.batch_size
+            bar.set_postfix(bpd=f"{batch_bpd:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+            if run.master:
+                with open(run.run_dir / "steps.csv", "a") as f:
+                    f.write(f"{progress.step},{progress.epoch + 1},{batch_bpd:.6f},"
+                            f"{loss_value:.8f}\n")
+            stop_reason = stop_reason_after(run, progress.step, start_time)
             if stop_reason:
                 break
-        bar.close()
-        train_seconds = time.time() - epoch_start
-        finished_epoch = batch_index == batches_per_epoch
-        if finished_epoch:
-            epoch, batch_index, perm = epoch + 1, 0, None
+    return stop_reason, dict(nll=epoch_nll, images=epoch_images,
+                             seconds=time.time() - epoch_start)
 
-        # Validate with the EMA weights when EMA is on: they are what gets saved.
-        live = copy.deepcopy(model.state_dict()) if ema is not None else None
-        if ema is not None:
-            model.load_state_dict(ema.state_dict_of(model))
-        metrics = evaluate(model, val, args, device, autocast, rank, world_size)
-        record = dict(epoch=epoch if finished_epoch else epoch + batch_index / batches_per_epoch,
-                      step=step, train_bpd=bits_per_dim(epoch_nll / max(epoch_images, 1), num_dims),
-                      **metrics, lr=scheduler.get_last_lr()[0], train_seconds=train_seconds,
-                      images_per_s=epoch_images / train_seconds, elapsed_min=(time.time() - start_time) / 60)
-        log.append(record)
-        if master:   # the other processes hold the same numbers and weights
-            print(f"epoch {record['epoch']:.2f} step {step}: train {record['train_bpd']:.4f} bpd, "
-                  f"val {metrics['val_bpd']:.4f} bpd, val acc {100 * metrics['val_acc']:.2f}%, "
-                  f"{train_seconds:.1f}s, {record['images_per_s']:.1f} img/s")
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb is not None:
-                wandb.log(record, step=step)
-            if metrics["val_acc"] > best_acc:
-                best_acc = metrics["val_acc"]
-                atomic_save(model.state_dict(), best_path)
-                print(f"  new best validation accuracy -> {best_path}")
-            if finished_epoch and args.save_interval and epoch % args.save_interval == 0:
-                atomic_save(model.state_dict(), save_dir / f"pcnn_{args.dataset}_epoch_{epoch}.pth")
-            if finished_epoch and args.sampling_interval and epoch % args.sampling_interval == 0:
-                n = max(1, args.sample_batch_size // train.num_classes)
-                save_sample_grid(model, train.num_classes, n, obs,
-                                 Path(args.sample_dir) / f"{args.tag}_epoch_{epoch}.png", device,
-                                 train.class_names)
-        if live is not None:
-            model.load_state_dict(live)
-        save_resume()
 
-    if master:
+def end_epoch(run, progress, trained, start_time):
+    """After an epoch, or the part of one a stop left: validate (the EMA weights when EMA is on:
+    they are what gets saved), log, keep the best model, save samples on schedule, and write
+    resume.pt. `trained` is what `train_epoch` returned about the epoch."""
+    args = run.args
+    finished_epoch = progress.batch_index == run.batches_per_epoch
+    if finished_epoch:
+        progress.epoch, progress.batch_index, progress.perm = progress.epoch + 1, 0, None
+    model, ema = run.model, run.ema
+    live = copy.deepcopy(model.state_dict()) if ema is not None else None
+    if ema is not None:
+        model.load_state_dict(ema.state_dict_of(model))
+    metrics = evaluate(model, run.val, args, run.device, run.autocast, run.rank, run.world_size)
+    epoch = (progress.epoch if finished_epoch
+             else progress.epoch + progress.batch_index / run.batches_per_epoch)
+    record = dict(epoch=epoch, step=progress.step,
+                  train_bpd=bits_per_dim(trained["nll"] / max(trained["images"], 1), run.num_dims),
+                  **metrics, lr=run.scheduler.get_last_lr()[0], train_seconds=trained["seconds"],
+                  images_per_s=trained["images"] / trained["seconds"],
+                  elapsed_min=(time.time() - start_time) / 60)
+    progress.log.append(record)
+    if run.master:   # the other processes hold the same numbers and weights
+        print(f"epoch {epoch:.2f} step {progress.step}: train {record['train_bpd']:.4f} bpd, "
+              f"val {metrics['val_bpd']:.4f} bpd, val acc {100 * metrics['val_acc']:.2f}%, "
+              f"{trained['seconds']:.1f}s, {record['images_per_s']:.1f} img/s")
+        with open(run.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if run.wandb is not None:
+            run.wandb.log(record, step=progress.step)
+        if metrics["val_acc"] > progress.best_acc:
+            progress.best_acc = metrics["val_acc"]
+            atomic_save(model.state_dict(), run.best_path)
+            print(f"  new best validation accuracy -> {run.best_path}")
+        if finished_epoch and args.save_interval and progress.epoch % args.save_interval == 0:
+            atomic_save(model.state_dict(), run.best_path.parent /
+                        f"pcnn_{args.dataset}_epoch_{progress.epoch}.pth")
+        if finished_epoch and args.sampling_interval and progress.epoch % args.sampling_interval == 0:
+            n = max(1, args.sample_batch_size // run.train.num_classes)
+            save_sample_grid(model, run.train.num_classes, n, tuple(run.train.images.shape[1:]),
+                             Path(args.sample_dir) / f"{args.tag}_epoch_{progress.epoch}.png",
+                             run.device, run.train.class_names)
+    if live is not None:
+        model.load_state_dict(live)
+    save_resume(run, progress)
+
+
+def main(args):
+    run = setup(args)
+    progress = load_resume(run) if args.resume else Progress()
+    if run.master:
+        print(f"training PixelCNN({run.model.config}) on {run.device}"
+              f"{f' x {run.world_size} processes' if run.ddp else ''}, "
+              f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters")
+    start_time = time.time()
+    stop_reason = None
+    while progress.epoch < args.max_epochs and stop_reason is None:
+        stop_reason, trained = train_epoch(run, progress, start_time)
+        end_epoch(run, progress, trained, start_time)
+    if run.master:
         print(f"done: {stop_reason or f'{args.max_epochs} epochs'}; best validation accuracy "
-              f"{100 * best_acc:.2f}% -> {best_path}")
-        if log:
-            plot_curves(log, run_dir / "curves.png")
-            print(f"training curves -> {run_dir / 'curves.png'}")
-    if wandb is not None:
-        wandb.finish()
+              f"{100 * progress.best_acc:.2f}% -> {run.best_path}")
+        if progress.log:
+            plot_curves(progress.log, run.run_dir / "curves.png")
+            print(f"training curves -> {run.run_dir / 'curves.png'}")
+    if run.wandb is not None:
+        run.wandb.finish()
 
 
 def build_parser():
