@@ -20,7 +20,8 @@ import torch
 
 from dataset import DatasetError, load_dataset
 from model import DEFAULT_CHECKPOINT, load_model
-from utils import bf16_autocast, class_log_likelihoods, dataset_log_likelihoods, pick_device
+from utils import bf16_autocast, class_log_likelihoods, dataset_log_likelihoods, \
+    line_buffered_stdout, pick_device
 
 @torch.no_grad()
 def get_label(model, model_input, device):
@@ -130,4 +131,5 @@ def build_parser():
 
 
 if __name__ == "__main__":
+    line_buffered_stdout()
     main(build_parser().parse_args())

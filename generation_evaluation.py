@@ -38,7 +38,7 @@ from torchvision.utils import save_image
 
 from dataset import CLASS_NAMES, my_bidict, one_line, rescaling_inv
 from model import DEFAULT_CHECKPOINT, load_model
-from utils import pick_device, sample_fast
+from utils import line_buffered_stdout, pick_device, sample_fast
 
 IMAGE_SIZE = 32                 # the course samples and grades 32x32 images
 SAMPLES_PER_CLASS = 25          # the course's sample_batch_size: 4 x 25 = 100 generated images
@@ -261,6 +261,7 @@ def main(args):
 
 
 if __name__ == "__main__":
+    line_buffered_stdout()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model to sample")

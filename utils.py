@@ -12,6 +12,7 @@ log p(x | c)): `discretized_mix_logistic_loss(..., reduction="none")` gives the 
 
 import functools
 import math
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -150,6 +151,19 @@ def _sample_pixel(l, nr_mix, u_mix, u_val, i, j):
     return quantize(pixel)                                               # (B, C, 1, 1)
 
 
+def progress_bar(iterable, desc, enabled=True):
+    """A tqdm progress bar on stderr that ends with a newline when it closes (leave=True), so
+    what is printed after it starts a line of its own: with stdout and stderr in one log
+    (`> log 2>&1`), a cleared bar would leave a carriage return, not a newline, before it."""
+    return tqdm(iterable, desc=desc, disable=not enabled, leave=True)
+
+
+def line_buffered_stdout():
+    """Flush stdout at every newline, as on a terminal: in one log with stderr, each printed line
+    then lands between the progress bars where it happened, not in a block at exit."""
+    sys.stdout.reconfigure(line_buffering=True)
+
+
 @torch.inference_mode()
 def sample(model, labels, obs=(3, 32, 32), generator=None, progress=False):
     """Class-conditional autoregressive sampling, the straightforward way: one full forward pass
@@ -160,7 +174,7 @@ def sample(model, labels, obs=(3, 32, 32), generator=None, progress=False):
     nr_mix = model.nr_logistic_mix
     u_mix, u_val = _sampling_noise(labels.shape[0], nr_mix, obs, generator, labels.device)
     x = torch.zeros(labels.shape[0], C, H, W, device=labels.device)
-    for i in tqdm(range(H), desc="sampling rows", disable=not progress, leave=False):
+    for i in progress_bar(range(H), "sampling rows", progress):
         for j in range(W):
             l = model(x, labels)[:, :, i:i + 1, j:j + 1]                 # (B, 10K, 1, 1)
             x[:, :, i:i + 1, j:j + 1] = _sample_pixel(l, nr_mix, u_mix, u_val, i, j)
@@ -185,7 +199,7 @@ def sample_fast(model, labels, obs=(3, 32, 32), generator=None, progress=False):
     u_mix, u_val = _sampling_noise(labels.shape[0], nr_mix, obs, generator, labels.device)
     cache = LayerCache(model, torch.zeros(labels.shape[0], C, H, W, device=labels.device), labels)
     with parametrize.cached():   # the weight-norm weights, computed once instead of per step
-        for i in tqdm(range(H), desc="sampling rows", disable=not progress, leave=False):
+        for i in progress_bar(range(H), "sampling rows", progress):
             model.forward_region(cache, (i, i), (0, W - 1), streams=("u",))
             for j in range(W):
                 l = model.forward_region(cache, (i, i), (j, j), streams=("ul",))   # (B, 10K, 1, 1)
@@ -235,8 +249,7 @@ def dataset_log_likelihoods(model, images, num_classes, batch_size=None, device=
     batch_size = batch_size or eval_batch_size(device)
     out = []
     with parametrize.cached():
-        for s in tqdm(range(0, images.shape[0], batch_size), desc="log p(x|c)",
-                      disable=not progress, leave=False):
+        for s in progress_bar(range(0, images.shape[0], batch_size), "log p(x|c)", progress):
             x = images[s:s + batch_size].to(device)
             with autocast():
                 ll = class_log_likelihoods(model, x, num_classes)

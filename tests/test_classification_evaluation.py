@@ -15,6 +15,7 @@ real CPEN455 validation and test splits; the whole file takes 45-50 s on two bus
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ MIN_MARGIN = 1e-2                 # nats; batching changes log p(x|c) by far les
 LL_ATOL = 1e-2                    # nats, on log-likelihoods of about -3000 nats per image
 # Small tensors gain nothing from threads; on two busy cores two threads made a CLI run 3x slower.
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# A plain shell: stdout block-buffered when it goes to a file.
+PLAIN_ENV = {k: v for k, v in ONE_THREAD_ENV.items() if k != "PYTHONUNBUFFERED"}
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -161,6 +164,38 @@ def test_validation_report_matches_independent_count(checkpoint, model, validati
     png = tmp_path / "confusion_validation.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(png) in proc.stdout
+
+
+@needs_data
+def test_result_lines_start_their_own_line_in_one_log(checkpoint, model, tmp_path):
+    """`python classification_evaluation.py > log 2>&1` on 16 real validation images: the progress
+    bar shares the file, and every result line, `Accuracy:` first, is a line of its own there
+    (as grep reads lines), with the accuracy of an independent count."""
+    data = tmp_path / "data"
+    (data / "validation").mkdir(parents=True)
+    rows = (DATA / "validation.csv").read_text().splitlines()[:16]
+    (data / "validation.csv").write_text("\n".join(rows) + "\n")
+    for row in rows:
+        shutil.copy(DATA / row.split(",")[0], data / row.split(",")[0])
+    log = tmp_path / "log"
+    cmd = [sys.executable, "classification_evaluation.py", "--checkpoint", str(checkpoint),
+           "-i", str(data), "--out_dir", str(tmp_path), "--device", "cpu"]
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=300,
+                              env=PLAIN_ENV)
+    text = log.read_bytes().decode()   # not read_text: it would turn the bars' \r into \n
+    assert proc.returncode == 0, text
+    assert "log p(x|c)" in text and "\r" in text, "the progress bar is not in the log"
+    lines = text.split("\n")
+    images = load_dataset("cpen455", data, "validation")
+    ll = per_class_log_likelihoods(model, images.images)                 # (16, 4)
+    assert_clear_margins(ll)
+    accuracy = (ll.argmax(dim=1) == images.labels).double().mean().item()
+    assert f"Accuracy: {accuracy}" in lines, text
+    for pattern in [r"\s*(hamburger|panda|koala|pizza): [\d.]+%", r"macro F1: [\d.]+",
+                    r"confusion matrix \(rows: true, columns: predicted\):",
+                    r"confusion matrix -> \S+\.png"]:
+        assert any(re.fullmatch(pattern, line) for line in lines), (pattern, text)
 
 
 # ------------------------------------------------------------------------- unlabelled split
