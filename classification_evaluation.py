@@ -4,14 +4,16 @@ PixelCNN++, with the course's interface.
     python classification_evaluation.py                          # validation split, models/conditional_pixelcnn.pth
     python classification_evaluation.py --tta flip               # add log p(mirror(x) | c)
     python classification_evaluation.py -m test                  # writes submission.csv and logits.npy
+    python classification_evaluation.py -m test --fid VALUE      # ... with the row fid,VALUE last
 
 For a labelled split it prints `Accuracy: <float>` (the line the course grades), then per-class
 accuracy, macro F1 and the confusion matrix, and saves the matrix as a PNG. For the unlabelled
-test split it writes `submission.csv` (`id,label` rows in file order) and `logits.npy`
-(N x classes log p(x | c), same order).
+test split it writes `submission.csv` in one of the course's two forms (SUBMISSION_FORMATS) and
+`logits.npy` (N x classes log p(x | c)), both in test.csv's order.
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +24,14 @@ from dataset import DatasetError, load_dataset
 from model import DEFAULT_CHECKPOINT, load_model
 from utils import bf16_autocast, class_log_likelihoods, dataset_log_likelihoods, \
     line_buffered_stdout, pick_device
+
+# The two forms of submission.csv the course's terms took, by --submission_format.
+SUBMISSION_FORMATS = {
+    "id_label": "header `id,label`, rows `0000021.jpg,2`, and a last row `fid,<value>` when "
+                "--fid is given",
+    "test_csv": "no header, rows `test/0000021.jpg,2`: test.csv with the labels filled in",
+}
+
 
 @torch.no_grad()
 def get_label(model, model_input, device):
@@ -40,6 +50,22 @@ def classification_report(labels, predictions, num_classes):
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     return dict(accuracy=(labels == predictions).double().mean().item(),
                 per_class=recall.tolist(), macro_f1=f1.mean().item(), confusion=confusion)
+
+
+def write_submission(path, image_paths, labels, form="id_label", fid=None):
+    """Write submission.csv in the form `form` (a key of SUBMISSION_FORMATS). image_paths: the
+    rows' paths as test.csv names them (`test/0000021.jpg`); labels: the predicted class of each,
+    in the same order; fid: the FID value for the last row of the id_label form, or None."""
+    if fid is not None and form != "id_label":
+        raise ValueError(f"the {form} form has no fid row")
+    if form == "id_label":
+        rows = ["id,label"] + [f"{Path(p).name},{label}" for p, label in zip(image_paths, labels)]
+        rows += [f"fid,{fid}"] if fid is not None else []
+    elif form == "test_csv":
+        rows = [f"{p},{label}" for p, label in zip(image_paths, labels)]
+    else:
+        raise ValueError(f"form must be one of {sorted(SUBMISSION_FORMATS)}, got {form!r}")
+    Path(path).write_text("\n".join(rows) + "\n")
 
 
 def save_confusion_png(confusion, class_names, path, title):
@@ -62,6 +88,12 @@ def save_confusion_png(confusion, class_names, path, title):
 
 
 def main(args):
+    # Mistakes in the flags fail here, before minutes of classification.
+    if args.fid is not None and not math.isfinite(args.fid):
+        sys.exit(f"error: --fid {args.fid} is not a finite number")
+    if args.fid is not None and (args.mode != "test" or args.submission_format != "id_label"):
+        sys.exit("error: --fid is the last row of the id_label submission: it needs -m test and "
+                 "--submission_format id_label")
     device = pick_device(args.device)
     try:
         model = load_model(args.checkpoint, device)
@@ -82,12 +114,10 @@ def main(args):
 
     if (data.labels < 0).all():   # unlabelled (the course's test split): write the submission
         np.save(out_dir / "logits.npy", ll.numpy())
-        with open(out_dir / "submission.csv", "w") as f:
-            f.write("id,label\n")
-            for path, label in zip(data.paths, predictions.tolist()):
-                f.write(f"{Path(path).name},{label}\n")
-        print(f"{len(predictions)} predictions -> {out_dir / 'submission.csv'}, "
-              f"log p(x|c) -> {out_dir / 'logits.npy'}")
+        write_submission(out_dir / "submission.csv", data.paths, predictions.tolist(),
+                         args.submission_format, args.fid)
+        print(f"{len(predictions)} predictions -> {out_dir / 'submission.csv'} "
+              f"({args.submission_format} form), log p(x|c) -> {out_dir / 'logits.npy'}")
         return
     if (data.labels < 0).any():
         sys.exit(f"error: the {args.mode} split mixes labelled and unlabelled rows")
@@ -123,6 +153,12 @@ def build_parser():
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast: faster where the hardware has bf16, and log-likelihoods "
                         "rounded (bench.py counts the predictions that change)")
+    p.add_argument("--submission_format", choices=sorted(SUBMISSION_FORMATS), default="id_label",
+                   help="form of the test split's submission.csv: "
+                        + "; ".join(f"{k}: {v}" for k, v in SUBMISSION_FORMATS.items()))
+    p.add_argument("--fid", type=float, default=None,
+                   help="FID value (as generation_evaluation.py prints it) for the last row of the "
+                        "id_label submission; without it there is no fid row")
     p.add_argument("--out_dir", default=".",
                    help="where submission.csv, logits.npy and the confusion PNG go")
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",

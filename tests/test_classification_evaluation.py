@@ -200,19 +200,26 @@ def test_result_lines_start_their_own_line_in_one_log(checkpoint, model, tmp_pat
 
 # ------------------------------------------------------------------------- unlabelled split
 
+def read_test_csv():
+    """test.csv's rows as (path, label): the real test split, every label -1 (hidden)."""
+    with open(DATA / "test.csv", newline="") as f:
+        rows = [(path, int(label)) for path, label in csv.reader(f)]
+    assert len(rows) == SPLIT_SIZE and {label for _, label in rows} == {-1}
+    return rows
+
+
 @needs_data
 def test_test_split_writes_submission_and_flip_logits(checkpoint, model, tmp_path):
-    """--mode test --tta flip: submission rows in test.csv order, logits = log p(x|c) +
-    log p(mirror(x)|c), labels = their argmax."""
-    proc = evaluate(checkpoint, tmp_path, "-m", "test", "--tta", "flip")
+    """--mode test --tta flip --fid: the id_label submission, its rows in test.csv order and the
+    fid row last; logits = log p(x|c) + log p(mirror(x)|c), labels = their argmax."""
+    proc = evaluate(checkpoint, tmp_path, "-m", "test", "--tta", "flip", "--fid", "23.4")
     assert proc.returncode == 0, proc.stderr
 
-    with open(DATA / "test.csv", newline="") as f:
-        expected_ids = [row[0].removeprefix("test/") for row in csv.reader(f)]
-    assert len(expected_ids) == SPLIT_SIZE
+    expected_ids = [path.removeprefix("test/") for path, _ in read_test_csv()]
     lines = (tmp_path / "submission.csv").read_text().splitlines()
-    assert lines[0] == "id,label" and len(lines) == SPLIT_SIZE + 1
-    ids, labels = zip(*(line.split(",") for line in lines[1:]))
+    assert lines[0] == "id,label" and len(lines) == SPLIT_SIZE + 2
+    assert lines[-1] == "fid,23.4"
+    ids, labels = zip(*(line.split(",") for line in lines[1:-1]))
     assert list(ids) == expected_ids
     labels = np.array([int(v) for v in labels])
     assert set(labels) <= set(range(NUM_CLASSES))
@@ -227,6 +234,48 @@ def test_test_split_writes_submission_and_flip_logits(checkpoint, model, tmp_pat
     expected = (per_class_log_likelihoods(model, images)
                 + per_class_log_likelihoods(model, images.flip(dims=[3])))
     np.testing.assert_allclose(logits[rows], expected.numpy(), rtol=1e-5, atol=LL_ATOL)
+
+
+@needs_data
+def test_test_csv_submission_is_test_csv_with_the_predictions(checkpoint, tmp_path):
+    """--submission_format test_csv: no header, no fid row, test.csv's paths in its order, each
+    with the argmax of its log p(x|c) where test.csv has -1."""
+    proc = evaluate(checkpoint, tmp_path, "-m", "test", "--submission_format", "test_csv")
+    assert proc.returncode == 0, proc.stderr
+    assert "(test_csv form)" in proc.stdout
+    predictions = np.load(tmp_path / "logits.npy").argmax(axis=1)
+    assert len(set(predictions)) > 1, "a model that predicts one class tests little"
+    expected = [f"{path},{label}" for (path, _), label in zip(read_test_csv(), predictions)]
+    assert (tmp_path / "submission.csv").read_text() == "\n".join(expected) + "\n"
+    assert expected[0].startswith("test/") and expected[0].endswith(".jpg," + str(predictions[0]))
+
+
+@needs_data
+def test_id_label_submission_has_a_fid_row_only_when_given(tmp_path):
+    """write_submission on the real test split's paths: the id_label form without a FID value
+    ends at the last image; the test_csv form has no fid row to fill."""
+    rows = read_test_csv()
+    paths, labels = [path for path, _ in rows], [k % NUM_CLASSES for k in range(len(rows))]
+    ce.write_submission(tmp_path / "a.csv", paths, labels)
+    lines = (tmp_path / "a.csv").read_text().splitlines()
+    assert lines[0] == "id,label" and len(lines) == SPLIT_SIZE + 1
+    assert lines[1:] == [f"{Path(p).name},{c}" for p, c in zip(paths, labels)]
+    with pytest.raises(ValueError, match="no fid row"):
+        ce.write_submission(tmp_path / "b.csv", paths, labels, "test_csv", fid=1.0)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["-m", "test", "--submission_format", "test_csv", "--fid", "3.5"], "--fid"),
+    (["-m", "validation", "--fid", "3.5"], "-m test"),
+    (["-m", "test", "--fid", "nan"], "finite"),
+])
+def test_fid_where_it_cannot_go_is_a_one_line_error(checkpoint, tmp_path, flags, needle):
+    args = ce.build_parser().parse_args(["--checkpoint", str(checkpoint), "--out_dir",
+                                         str(tmp_path), *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        ce.main(args)
+    assert_one_line_error(str(exit_info.value.code), needle)
+    assert not (tmp_path / "submission.csv").exists()
 
 
 @needs_data
