@@ -33,12 +33,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from dataset import DatasetError, TensorImageDataset, load_dataset, rescaling_inv
 from model import CHECKPOINT_NAME, DEFAULT_CHECKPOINT, FUSION_MODES, PixelCNN
 from utils import bf16_autocast, bf16_pays, bits_per_dim, dataset_log_likelihoods, \
-    discretized_mix_logistic_loss, pick_device, sample_fast
+    discretized_mix_logistic_loss, line_buffered_stdout, pick_device, progress_bar, sample_fast
 
 # Presets set defaults; any flag given on the command line still wins.
 PRESETS = {
@@ -439,8 +438,8 @@ def train_epoch(run, progress, start_time):
         progress.perm = torch.randperm(run.train.images.shape[0], generator=run.data_gen)
     epoch_start, epoch_nll, epoch_images = time.time(), 0.0, 0
     stop_reason = None
-    with tqdm(range(progress.batch_index, run.batches_per_epoch), desc=f"epoch {progress.epoch + 1}",
-              leave=False, disable=not run.master) as bar:
+    with progress_bar(range(progress.batch_index, run.batches_per_epoch),
+                      f"epoch {progress.epoch + 1}", run.master) as bar:
         for i in bar:
             x, y = next_batch(run, progress.perm, i)
             mean_nll, loss_value, sum_nll = train_step(run, x, y, progress)
@@ -614,6 +613,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
+    line_buffered_stdout()
     try:
         main(parse_args())
     finally:

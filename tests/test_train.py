@@ -3,6 +3,8 @@ exact, checkpoints rebuild the model in a fresh process, flags are real booleans
 stops the run."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,18 @@ def train(tmp, *extra):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+def train_into_one_log(tmp, *extra):
+    """`python pcnn_train.py ... > log 2>&1` from a plain shell (stdout block-buffered); returns the
+    exit code and the log's text, carriage returns kept."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    cmd = [sys.executable, "pcnn_train.py", *TINY, "--run_dir", str(tmp), "--save_dir", str(tmp),
+           "--sample_dir", str(tmp / "samples"), *extra]
+    with open(tmp / "log", "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, stdout=f,
+                              stderr=subprocess.STDOUT, timeout=600)
+    return proc.returncode, (tmp / "log").read_bytes().decode()
+
+
 def step_losses(run_dir):
     """Per-step objective values from steps.csv: {step: loss}."""
     rows = (line.split(",") for line in (run_dir / "steps.csv").read_text().splitlines())
@@ -55,6 +69,23 @@ def test_loss_goes_down(trained):
     assert 0 <= record["val_acc"] <= 1 and record["val_bpd"] < 9
     assert (run / "curves.png").stat().st_size > 0
     assert "val acc" in proc.stdout
+
+
+def test_result_lines_start_their_own_line_in_one_log(tmp_path):
+    """> log 2>&1: the epoch's progress bar shares the file, and every line the run prints is a
+    line of its own there."""
+    code, log = train_into_one_log(tmp_path, "--max_steps", "3")
+    assert code == 0, log
+    assert "epoch 1:" in log and "\r" in log, "the progress bar is not in the log"
+    lines = log.split("\n")
+    best = tmp_path / CHECKPOINT_NAME
+    for pattern in [r"training PixelCNN\(.*\) on cpu, [\d.]+M parameters",
+                    r"epoch 0\.\d+ step 3: train [\d.]+ bpd, val [\d.]+ bpd, val acc [\d.]+%, .*",
+                    rf"  new best validation accuracy -> {re.escape(str(best))}",
+                    rf"done: reached --max_steps 3; best validation accuracy [\d.]+% -> "
+                    rf"{re.escape(str(best))}",
+                    rf"training curves -> {re.escape(str(tmp_path / 'curves.png'))}"]:
+        assert any(re.fullmatch(pattern, line) for line in lines), (pattern, log)
 
 
 def test_resume_continues_exactly(tmp_path):
