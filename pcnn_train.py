@@ -8,8 +8,10 @@
 Each epoch prints train bits/dim, validation bits/dim, the validation accuracy of the Bayes
 classifier argmax_c log p(x | c), wall time and images/s, and appends the same to
 `<run_dir>/log.jsonl`. The best model by validation accuracy (EMA weights when --ema is on) goes to
-`<save_dir>/conditional_pixelcnn.pth`; `<run_dir>/resume.pt` holds everything --resume needs.
-At the end `<run_dir>/curves.png` plots the training curves.
+`<save_dir>/conditional_pixelcnn.pth`; `<run_dir>/resume.pt`, written at every epoch end and every
+--checkpoint_minutes of training, holds everything --resume needs to continue exactly, mid-epoch
+too: a killed run loses at most those minutes. At the end `<run_dir>/curves.png` plots the training
+curves.
 
 Under torchrun each process (one per GPU with NCCL, or on the CPU with gloo) trains on its own
 slice of every global batch of --batch_size images and DDP averages the gradients, so steps.csv
@@ -25,7 +27,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,6 +69,14 @@ def atomic_save(obj, path):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_lines(lines, path):
+    """Write text lines to a temporary file, then rename, as atomic_save does."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, path)
 
 
@@ -245,6 +255,11 @@ class Progress:
     best_acc: float = -1.0          # best validation accuracy so far
     log: list = field(default_factory=list)   # the records of log.jsonl
     perm: torch.Tensor | None = None          # the current epoch's image order, (N,)
+    # What the steps since the last record of log.jsonl trained, for the next record.
+    trained_nll: float = 0.0        # summed nll in nats
+    trained_images: int = 0
+    trained_seconds: float = 0.0
+    elapsed_s: float = 0.0          # the run's time, over all its sessions, at the last save
 
 
 def setup(args):
@@ -341,16 +356,30 @@ def load_resume(run):
     elif run.master:
         print(f"note: {path} was written by {len(ckpt['rng'])} processes, this run has "
               f"{run.world_size}: the data order continues exactly, the dropout masks do not")
-    progress = Progress(**{k: ckpt[k] for k in
-                           ("epoch", "batch_index", "step", "best_acc", "log", "perm")})
+    # A resume.pt written before a field existed leaves that field at its default.
+    progress = Progress(**{f.name: ckpt[f.name] for f in fields(Progress) if f.name in ckpt})
     if run.master:
+        cut_back_run_files(run, progress)
         print(f"resumed from {path}: epoch {progress.epoch}, batch {progress.batch_index}, "
-              f"step {progress.step}")
+              f"step {progress.step}, {progress.elapsed_s / 60:.1f} min into the run")
     return progress
 
 
-def save_resume(run, progress):
-    """Write <run_dir>/resume.pt (atomically, on rank 0): everything `load_resume` restores."""
+def cut_back_run_files(run, progress):
+    """Drop the rows of steps.csv after the checkpoint's step, and rewrite log.jsonl from the
+    checkpoint's records: the steps a killed run took after its last checkpoint are trained again,
+    and must not appear twice."""
+    steps = run.run_dir / "steps.csv"
+    if steps.exists():
+        rows = steps.read_text().splitlines()
+        atomic_write_lines([r for r in rows if int(r.split(",")[0]) <= progress.step], steps)
+    atomic_write_lines([json.dumps(record) for record in progress.log], run.run_dir / "log.jsonl")
+
+
+def save_resume(run, progress, start_time):
+    """Write <run_dir>/resume.pt (atomically, on rank 0): everything `load_resume` restores,
+    with the run's time since start_time."""
+    progress.elapsed_s = time.time() - start_time
     # Every process's dropout generators, by rank; everything else is the same on all of them.
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if run.device.type == "cuda" else None)
     rngs = [rng] * run.world_size
@@ -413,41 +442,45 @@ def train_step(run, x, y, progress):
     return mean_nll, loss_value, sum_nll
 
 
+def rank0_decides(run, flag):
+    """Rank 0's value of a flag that reads the clock, on every process: clocks differ between
+    processes, and all of them must stop or checkpoint at the same step."""
+    flag = torch.tensor(bool(flag), device=run.device)
+    if run.ddp:
+        dist.broadcast(flag, src=0)
+    return bool(flag)
+
+
 def stop_reason_after(run, step, start_time):
     """Why the run stops after `step`, or None: --max_steps, or --max_minutes since start_time."""
     args = run.args
     if args.max_steps and step >= args.max_steps:
         return f"reached --max_steps {args.max_steps}"
-    if args.max_minutes:
-        # Clocks differ between processes: rank 0 decides for all, so none trains alone.
-        out_of_time = torch.tensor(time.time() - start_time >= 60 * args.max_minutes,
-                                   device=run.device)
-        if run.ddp:
-            dist.broadcast(out_of_time, src=0)
-        if out_of_time:
-            return f"reached --max_minutes {args.max_minutes}"
+    if args.max_minutes and rank0_decides(run, time.time() - start_time >= 60 * args.max_minutes):
+        return f"reached --max_minutes {args.max_minutes}"
     return None
 
 
 def train_epoch(run, progress, start_time):
-    """Train from progress.batch_index to the end of the epoch, or until a stop condition.
-
-    Returns the stop reason (None when the epoch ran out) and the dict of what the epoch trained
-    (summed nll, images, seconds) for its record."""
+    """Train from progress.batch_index to the end of the epoch, or until a stop condition, writing
+    resume.pt every --checkpoint_minutes. Returns the stop reason, None when the epoch ran out."""
+    args = run.args
     if progress.perm is None:
         progress.perm = torch.randperm(run.train.images.shape[0], generator=run.data_gen)
-    epoch_start, epoch_nll, epoch_images = time.time(), 0.0, 0
+    last_save = time.time()   # end_epoch saved just before, or the run has just started
     stop_reason = None
     with progress_bar(range(progress.batch_index, run.batches_per_epoch),
                       f"epoch {progress.epoch + 1}", run.master) as bar:
         for i in bar:
+            step_start = time.time()
             x, y = next_batch(run, progress.perm, i)
             mean_nll, loss_value, sum_nll = train_step(run, x, y, progress)
             progress.step, progress.batch_index = progress.step + 1, i + 1
 
             batch_bpd = bits_per_dim(mean_nll, run.num_dims)
-            epoch_nll += sum_nll
-            epoch_images += run.args.batch_size
+            progress.trained_nll += sum_nll
+            progress.trained_images += args.batch_size
+            progress.trained_seconds += time.time() - step_start
             bar.set_postfix(bpd=f"{batch_bpd:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
             if run.master:
                 with open(run.run_dir / "steps.csv", "a") as f:
@@ -456,14 +489,17 @@ def train_epoch(run, progress, start_time):
             stop_reason = stop_reason_after(run, progress.step, start_time)
             if stop_reason:
                 break
-    return stop_reason, dict(nll=epoch_nll, images=epoch_images,
-                             seconds=time.time() - epoch_start)
+            if args.checkpoint_minutes and rank0_decides(
+                    run, time.time() - last_save >= 60 * args.checkpoint_minutes):
+                save_resume(run, progress, start_time)
+                last_save = time.time()
+    return stop_reason
 
 
-def end_epoch(run, progress, trained, start_time):
+def end_epoch(run, progress, start_time):
     """After an epoch, or the part of one a stop left: validate (the EMA weights when EMA is on:
-    they are what gets saved), log, keep the best model, save samples on schedule, and write
-    resume.pt. `trained` is what `train_epoch` returned about the epoch."""
+    they are what gets saved), log what the steps since the last record trained, keep the best
+    model, save samples on schedule, and write resume.pt."""
     args = run.args
     finished_epoch = progress.batch_index == run.batches_per_epoch
     if finished_epoch:
@@ -475,16 +511,18 @@ def end_epoch(run, progress, trained, start_time):
     metrics = evaluate(model, run.val, args, run.device, run.autocast, run.rank, run.world_size)
     epoch = (progress.epoch if finished_epoch
              else progress.epoch + progress.batch_index / run.batches_per_epoch)
+    images, seconds = progress.trained_images, progress.trained_seconds
     record = dict(epoch=epoch, step=progress.step,
-                  train_bpd=bits_per_dim(trained["nll"] / max(trained["images"], 1), run.num_dims),
-                  **metrics, lr=run.scheduler.get_last_lr()[0], train_seconds=trained["seconds"],
-                  images_per_s=trained["images"] / trained["seconds"],
+                  train_bpd=bits_per_dim(progress.trained_nll / max(images, 1), run.num_dims),
+                  **metrics, lr=run.scheduler.get_last_lr()[0], train_seconds=seconds,
+                  images_per_s=images / seconds,
                   elapsed_min=(time.time() - start_time) / 60)
     progress.log.append(record)
+    progress.trained_nll, progress.trained_images, progress.trained_seconds = 0.0, 0, 0.0
     if run.master:   # the other processes hold the same numbers and weights
         print(f"epoch {epoch:.2f} step {progress.step}: train {record['train_bpd']:.4f} bpd, "
               f"val {metrics['val_bpd']:.4f} bpd, val acc {100 * metrics['val_acc']:.2f}%, "
-              f"{trained['seconds']:.1f}s, {record['images_per_s']:.1f} img/s")
+              f"{seconds:.1f}s, {record['images_per_s']:.1f} img/s")
         with open(run.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if run.wandb is not None:
@@ -503,7 +541,7 @@ def end_epoch(run, progress, trained, start_time):
                              run.device, run.train.class_names)
     if live is not None:
         model.load_state_dict(live)
-    save_resume(run, progress)
+    save_resume(run, progress, start_time)
 
 
 def main(args):
@@ -513,11 +551,12 @@ def main(args):
         print(f"training PixelCNN({run.model.config}) on {run.device}"
               f"{f' x {run.world_size} processes' if run.ddp else ''}, "
               f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters")
-    start_time = time.time()
-    stop_reason = None
+    # The run's clock: --max_minutes and elapsed_min count the earlier sessions' time too.
+    start_time = time.time() - progress.elapsed_s
+    stop_reason = stop_reason_after(run, progress.step, start_time)   # a resume may have no time left
     while progress.epoch < args.max_epochs and stop_reason is None:
-        stop_reason, trained = train_epoch(run, progress, start_time)
-        end_epoch(run, progress, trained, start_time)
+        stop_reason = train_epoch(run, progress, start_time)
+        end_epoch(run, progress, start_time)
     if run.master:
         print(f"done: {stop_reason or f'{args.max_epochs} epochs'}; best validation accuracy "
               f"{100 * progress.best_acc:.2f}% -> {run.best_path}")
@@ -576,8 +615,13 @@ def build_parser():
     p.add_argument("-x", "--max_epochs", type=int, default=5000, help="epochs to train")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: off)")
     p.add_argument("--max_minutes", type=float, default=0.0,
-                   help="stop after this much training time (0: off)")
-    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/resume.pt")
+                   help="stop after this much training time, counting the time before every "
+                        "--resume (0: off)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly from <run_dir>/resume.pt, mid-epoch too")
+    p.add_argument("--checkpoint_minutes", type=float, default=5.0,
+                   help="also write resume.pt every this many minutes of training, mid-epoch, so a "
+                        "killed run loses at most that much (0: at epoch ends only)")
     # evaluation, sampling and checkpoints
     p.add_argument("--eval_batch_size", type=int, default=None,
                    help="validation images per batch (times the number of classes per pass); "

@@ -52,9 +52,10 @@ def steps(run_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same 4 steps of global batch 8, in one process and in two. The high learning rate makes
-    a step on one process's gradient alone visible in the next step's loss."""
+    a step on one process's gradient alone visible in the next step's loss. A checkpoint after
+    every step: the processes must write it together, at the same steps, and train on after it."""
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    flags = ["--batch_size", "8", "--max_steps", "4", "--lr", "5e-3"]
+    flags = ["--batch_size", "8", "--max_steps", "4", "--lr", "5e-3", "--checkpoint_minutes", "1e-9"]
     return {1: (one, train(one, 1, *flags)), 2: (two, train(two, 2, *flags))}
 
 

@@ -1,12 +1,16 @@
-"""pcnn_train.py end to end on the real CPEN455 data with tiny models: the loss goes down, resume is
-exact, checkpoints rebuild the model in a fresh process, flags are real booleans, a non-finite loss
-stops the run."""
+"""pcnn_train.py end to end on the real CPEN455 data with tiny models: the loss goes down; resume is
+exact, from a stop or from a mid-epoch checkpoint after kill -9, with steps.csv cut back and the
+run's time carried over; result lines start their own line in a shared log; checkpoints rebuild the
+model in a fresh process; flags are real booleans; a non-finite loss stops the run."""
 
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,21 +29,25 @@ TINY = ["--data_dir", str(DATA), "--nr_resnet", "1", "--nr_filters", "8", "--nr_
         "--batch_size", "8", "--sampling_interval", "0", "--dropout", "0.5", "--device", "cpu"]
 
 
+def train_command(tmp, *extra):
+    """The command line of a tiny run that writes everything under tmp."""
+    return [sys.executable, "pcnn_train.py", *TINY, "--run_dir", str(tmp), "--save_dir", str(tmp),
+            "--sample_dir", str(tmp / "samples"), *map(str, extra)]
+
+
 def train(tmp, *extra):
     """Run pcnn_train.py in a fresh process; returns the completed process."""
-    cmd = [sys.executable, "pcnn_train.py", *TINY, "--run_dir", str(tmp), "--save_dir", str(tmp),
-           "--sample_dir", str(tmp / "samples"), *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run(train_command(tmp, *extra), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
 
 
 def train_into_one_log(tmp, *extra):
     """`python pcnn_train.py ... > log 2>&1` from a plain shell (stdout block-buffered); returns the
     exit code and the log's text, carriage returns kept."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    cmd = [sys.executable, "pcnn_train.py", *TINY, "--run_dir", str(tmp), "--save_dir", str(tmp),
-           "--sample_dir", str(tmp / "samples"), *extra]
     with open(tmp / "log", "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, stdout=f,
+        proc = subprocess.run(train_command(tmp, *extra), cwd=REPO,
+                              env=env | {"OMP_NUM_THREADS": "1"}, stdout=f,
                               stderr=subprocess.STDOUT, timeout=600)
     return proc.returncode, (tmp / "log").read_bytes().decode()
 
@@ -48,6 +56,30 @@ def step_losses(run_dir):
     """Per-step objective values from steps.csv: {step: loss}."""
     rows = (line.split(",") for line in (run_dir / "steps.csv").read_text().splitlines())
     return {int(r[0]): float(r[3]) for r in rows}
+
+
+def log_records(run_dir):
+    """The records of log.jsonl."""
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def load_resume_file(run_dir):
+    return torch.load(run_dir / "resume.pt", weights_only=True)
+
+
+def assert_same_training_state(a, b):
+    """Two resume.pt contents hold the same weights, optimizer, EMA and data order, bit for bit."""
+    for key in ("model", "ema"):
+        assert (a[key] is None) == (b[key] is None)
+        assert a[key] is None or a[key].keys() == b[key].keys()
+        for name in a[key] or {}:
+            if torch.is_tensor(a[key][name]):
+                assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for p, q in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        for name in p:
+            assert torch.equal(p[name], q[name]), ("optimizer", name)
+    assert torch.equal(a["data_gen"], b["data_gen"]) and torch.equal(a["perm"], b["perm"])
+    assert (a["step"], a["epoch"], a["batch_index"]) == (b["step"], b["epoch"], b["batch_index"])
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +120,102 @@ def test_result_lines_start_their_own_line_in_one_log(tmp_path):
         assert any(re.fullmatch(pattern, line) for line in lines), (pattern, log)
 
 
-def test_resume_continues_exactly(tmp_path):
-    """3 steps, stop, resume to 6 == 6 steps straight (dropout and flips included)."""
+def test_resume_continues_exactly_and_cuts_steps_csv_back(tmp_path):
+    """3 steps, stop, resume to 6 == 6 steps straight (dropout and flips included), also when the
+    run had gone on to step 5 past its step-3 checkpoint (as a killed run does): steps.csv and
+    log.jsonl are cut back to step 3 on resume, so each step appears once."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train(straight, "--max_steps", "6", "--flip").returncode == 0
     assert train(split, "--max_steps", "3", "--flip").returncode == 0
+    shutil.copy(split / "resume.pt", tmp_path / "step3.pt")
+    assert train(split, "--max_steps", "5", "--flip", "--resume").returncode == 0
+    assert [r["step"] for r in log_records(split)] == [3, 5]
+    shutil.copy(tmp_path / "step3.pt", split / "resume.pt")     # steps 4 and 5 were never saved
     proc = train(split, "--max_steps", "6", "--flip", "--resume")
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout
-    assert step_losses(split) == step_losses(straight)
+    assert (split / "steps.csv").read_text() == (straight / "steps.csv").read_text()
+    assert [r["step"] for r in log_records(split)] == [3, 6]
+    assert_same_training_state(load_resume_file(split), load_resume_file(straight))
+
+
+def test_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """kill -9 in the first epoch, a few steps after a --checkpoint_minutes checkpoint: --resume
+    continues from that checkpoint and ends with the weights, optimizer, EMA, steps.csv and log
+    record of a run that was never stopped."""
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    flags = ["--flip", "--ema", "0.9", "--checkpoint_minutes", 0.01]   # every 0.6 s: many steps apart
+    killed.mkdir()
+    proc = subprocess.Popen(train_command(killed, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (killed / "resume.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        saved = load_resume_file(killed)["step"]
+        while (len(step_losses(killed)) < saved + 2 and proc.poll() is None
+               and time.time() < deadline):
+            time.sleep(0.01)
+    finally:
+        proc.kill()                                                  # SIGKILL, as kill -9
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    ckpt = load_resume_file(killed)
+    assert ckpt["epoch"] == 0 and 0 < ckpt["batch_index"] == ckpt["step"], "not mid-epoch"
+    assert not (killed / "log.jsonl").exists(), "no epoch end or stop before the kill"
+    end = ckpt["step"] + 3
+
+    resumed = train(killed, *flags, "--max_steps", end, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert train(straight, *flags, "--max_steps", end).returncode == 0
+    assert_same_training_state(load_resume_file(killed), load_resume_file(straight))
+    assert (killed / "steps.csv").read_text() == (straight / "steps.csv").read_text()
+    (record,), (expected,) = log_records(killed), log_records(straight)
+    for key in ("epoch", "step", "train_bpd", "val_bpd", "val_acc", "lr"):
+        assert record[key] == expected[key], key
+
+
+def test_elapsed_time_and_max_minutes_count_the_time_before_a_resume(tmp_path):
+    """A checkpoint that says the run has trained 10 minutes: after --resume, elapsed_min goes on
+    from 10, and --max_minutes 10 stops the run before it trains another step."""
+    assert train(tmp_path, "--max_steps", "2").returncode == 0
+
+    def set_elapsed_minutes(minutes):
+        ckpt = load_resume_file(tmp_path)
+        ckpt["elapsed_s"] = 60.0 * minutes
+        torch.save(ckpt, tmp_path / "resume.pt")
+
+    set_elapsed_minutes(10)
+    proc = train(tmp_path, "--max_steps", "3", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "10.0 min into the run" in proc.stdout
+    first, second = log_records(tmp_path)
+    assert first["elapsed_min"] < 2 and 10 < second["elapsed_min"] < 12
+    assert 10 < load_resume_file(tmp_path)["elapsed_s"] / 60 < 12
+
+    set_elapsed_minutes(10)
+    proc = train(tmp_path, "--max_steps", "6", "--max_minutes", "10", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "done: reached --max_minutes 10.0" in proc.stdout
+    assert max(step_losses(tmp_path)) == 3
+
+
+def test_atomic_save_keeps_the_old_file_when_killed_mid_write(tmp_path, monkeypatch):
+    """A write that dies halfway (here torch.save raising after half the bytes) leaves the last
+    complete resume.pt in place."""
+    path = tmp_path / "resume.pt"
+    pcnn_train.atomic_save({"step": 1}, path)
+    real_save = torch.save
+
+    def dies_halfway(obj, f):
+        real_save(obj, f)
+        Path(f).write_bytes(Path(f).read_bytes()[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pcnn_train.torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        pcnn_train.atomic_save({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
 
 
 def test_resume_without_state_is_an_error(tmp_path):
