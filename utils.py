@@ -6,8 +6,9 @@ mass a logistic puts on its bin of width 2/255, with the bins at the two ends st
 infinity (Salimans et al., 2017, eq. 2). Colours depend linearly on the colours before them in the
 same pixel: mean_g += c0 * r, mean_b += c1 * r + c2 * g.
 
-One loss serves training (mean bits/dim over a batch) and classification (argmax over classes of
-log p(x | c)): `discretized_mix_logistic_loss(..., reduction="none")` gives the per-image NLL.
+One computation, `pixel_log_likelihoods`, serves training (mean bits/dim over a batch),
+classification (argmax over classes of log p(x | c)) and the per-pixel explanation maps:
+`discretized_mix_logistic_loss(..., reduction="none")`, the per-image NLL, is its negated sum.
 """
 
 import functools
@@ -66,15 +67,12 @@ def unpack_mixture(l, nr_mix, channels):
     return logit_probs, means, log_scales, coeffs
 
 
-def discretized_mix_logistic_loss(x, l, reduction="sum"):
-    """Negative log-likelihood in nats of images x under the mixture l.
+def pixel_log_likelihoods(x, l):
+    """log p(x_ij | x_<ij, c) in nats of every pixel of x, its channels together, float32.
 
     x: (B, C, H, W) in [-1, 1], C = 3 or 1; l: (B, 10K or 3K, H, W), any float dtype (computed in
-    float32). reduction="sum": the batch total, as the reference code returns; "none": the
-    per-image NLL, shape (B,).
+    float32). Returns (B, H, W); its sum over each image is log p(x | c).
     """
-    if reduction not in ("sum", "none"):
-        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
     B, C, H, W = x.shape
     per_mix = 10 if C == 3 else 3
     assert l.shape[0] == B and l.shape[2:] == (H, W) and l.shape[1] % per_mix == 0, (x.shape, l.shape)
@@ -88,7 +86,20 @@ def discretized_mix_logistic_loss(x, l, reduction="sum"):
                              means[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g], dim=1)
     log_probs = _log_bin_probs(x, means, log_scales).sum(dim=1)         # (B, K, H, W)
     log_probs = log_probs + F.log_softmax(logit_probs, dim=1)
-    nll = -torch.logsumexp(log_probs, dim=1).sum(dim=(1, 2))             # (B,)
+    return torch.logsumexp(log_probs, dim=1)                             # (B, H, W)
+
+
+def discretized_mix_logistic_loss(x, l, reduction="sum"):
+    """Negative log-likelihood in nats of images x under the mixture l: the negated sum of
+    `pixel_log_likelihoods` over each image.
+
+    x: (B, C, H, W) in [-1, 1], C = 3 or 1; l: (B, 10K or 3K, H, W), any float dtype (computed in
+    float32). reduction="sum": the batch total, as the reference code returns; "none": the
+    per-image NLL, shape (B,).
+    """
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    nll = -pixel_log_likelihoods(x, l).sum(dim=(1, 2))                  # (B,)
     return nll.sum() if reduction == "sum" else nll
 
 
@@ -207,19 +218,28 @@ def sample_fast(model, labels, obs=(3, 32, 32), generator=None, progress=False):
     return cache.x[:, :C].clone()
 
 
-def class_log_likelihoods(model, x, num_classes):
-    """log p(x | c) in nats for every class: (B, C, H, W) -> (B, num_classes).
+def class_pixel_log_likelihoods(model, x, num_classes):
+    """log p(x_ij | x_<ij, c) in nats of every pixel under every class:
+    (B, C, H, W) -> (B, num_classes, H, W).
 
     One network pass over the B * num_classes image-class pairs, class-major, in which the layers
-    before the class first enters run once per image (PixelCNN.forward). The Bayes classifier is
-    `class_log_likelihoods(...).argmax(dim=1)`. Gradients flow (the hybrid objective trains
-    through it); wrap it in `torch.no_grad()` to evaluate.
+    before the class first enters run once per image (PixelCNN.forward). Gradients flow.
     """
-    B = x.shape[0]
+    B, _, H, W = x.shape
     labels = torch.arange(num_classes, device=x.device).repeat_interleave(B)   # (num_classes*B,)
-    nll = discretized_mix_logistic_loss(x.repeat(num_classes, 1, 1, 1), model(x, labels),
-                                        reduction="none")                      # (num_classes*B,)
-    return -nll.view(num_classes, B).t()                                       # (B, num_classes)
+    per_pixel = pixel_log_likelihoods(x.repeat(num_classes, 1, 1, 1),
+                                      model(x, labels))                        # (num_classes*B, H, W)
+    return per_pixel.view(num_classes, B, H, W).transpose(0, 1)                # (B, num_classes, H, W)
+
+
+def class_log_likelihoods(model, x, num_classes):
+    """log p(x | c) in nats for every class: (B, C, H, W) -> (B, num_classes), the per-image sums
+    of `class_pixel_log_likelihoods`.
+
+    The Bayes classifier is `class_log_likelihoods(...).argmax(dim=1)`. Gradients flow (the
+    hybrid objective trains through it); wrap it in `torch.no_grad()` to evaluate.
+    """
+    return class_pixel_log_likelihoods(model, x, num_classes).sum(dim=(2, 3))
 
 
 # Images per batch of dataset_log_likelihoods, by device type. On a CPU small batches keep a layer's
