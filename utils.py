@@ -108,12 +108,21 @@ def bits_per_dim(nll_nats, num_dims):
     return nll_nats / (num_dims * math.log(2.0))
 
 
-def sample_from_discretized_mix_logistic(l, nr_mix, u_mix=None, u_val=None):
+def check_temperature(temperature):
+    """Raise ValueError unless `temperature` is a finite number above 0."""
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def sample_from_discretized_mix_logistic(l, nr_mix, u_mix=None, u_val=None, temperature=1.0):
     """Draw one image from the mixture l: (B, 10K or 3K, H, W) -> (B, C, H, W) in [-1, 1].
 
     u_mix (B, K, H, W) and u_val (B, C, H, W) are optional uniform(0, 1) draws; pass the same ones
     to get the same sample (the fast and the straightforward sampler share draws this way).
+    temperature T sharpens (T < 1) or flattens (T > 1) the mixture: the mixture logits are divided
+    by T and every logistic scale is multiplied by T. At T = 1 both are exact no-ops.
     """
+    check_temperature(temperature)
     B, n, H, W = l.shape
     if n not in (10 * nr_mix, 3 * nr_mix):
         raise ValueError(f"{n} channels is not a mixture of {nr_mix} components")
@@ -123,14 +132,14 @@ def sample_from_discretized_mix_logistic(l, nr_mix, u_mix=None, u_val=None):
         u_mix = torch.rand_like(logit_probs)
     if u_val is None:
         u_val = torch.rand(B, channels, H, W, device=l.device)
-    # Gumbel-max picks component k with probability softmax(logit_probs)_k.
+    # Gumbel-max picks component k with probability softmax(logit_probs / T)_k.
     gumbel = -torch.log(-torch.log(u_mix.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)))
-    pick = F.one_hot((logit_probs + gumbel).argmax(dim=1), nr_mix)       # (B, H, W, K)
+    pick = F.one_hot((logit_probs / temperature + gumbel).argmax(dim=1), nr_mix)   # (B, H, W, K)
     pick = pick.permute(0, 3, 1, 2).unsqueeze(1).float()                 # (B, 1, K, H, W)
     mean = (means * pick).sum(dim=2)                                     # (B, C, H, W)
-    log_scale = (log_scales * pick).sum(dim=2)
+    scale = temperature * torch.exp((log_scales * pick).sum(dim=2))      # (B, C, H, W)
     u = u_val.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
-    x = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))   # logistic inverse CDF
+    x = mean + scale * (torch.log(u) - torch.log1p(-u))                  # logistic inverse CDF
     if channels == 1:
         return x.clamp(-1, 1)
     coeff = (coeffs * pick).sum(dim=2)                                   # (B, 3, H, W)
@@ -155,10 +164,10 @@ def _sampling_noise(B, nr_mix, obs, generator, device):
     return u_mix, u_val
 
 
-def _sample_pixel(l, nr_mix, u_mix, u_val, i, j):
+def _sample_pixel(l, nr_mix, u_mix, u_val, i, j, temperature):
     """Draw pixel (i, j) from its mixture parameters l (B, 10K, 1, 1), on the 256-level grid."""
     pixel = sample_from_discretized_mix_logistic(
-        l, nr_mix, u_mix[:, :, i:i + 1, j:j + 1], u_val[:, :, i:i + 1, j:j + 1])
+        l, nr_mix, u_mix[:, :, i:i + 1, j:j + 1], u_val[:, :, i:i + 1, j:j + 1], temperature)
     return quantize(pixel)                                               # (B, C, 1, 1)
 
 
@@ -176,11 +185,13 @@ def line_buffered_stdout():
 
 
 @torch.inference_mode()
-def sample(model, labels, obs=(3, 32, 32), generator=None, progress=False):
+def sample(model, labels, obs=(3, 32, 32), generator=None, progress=False, temperature=1.0):
     """Class-conditional autoregressive sampling, the straightforward way: one full forward pass
     per pixel, in raster order. labels: int64 (B,). Returns (B, *obs) in [-1, 1] on the 256-level
     grid. The reference for `sample_fast`; call model.eval() first, or dropout stays on.
+    temperature: see `sample_from_discretized_mix_logistic`.
     """
+    check_temperature(temperature)
     C, H, W = obs
     nr_mix = model.nr_logistic_mix
     u_mix, u_val = _sampling_noise(labels.shape[0], nr_mix, obs, generator, labels.device)
@@ -188,34 +199,69 @@ def sample(model, labels, obs=(3, 32, 32), generator=None, progress=False):
     for i in progress_bar(range(H), "sampling rows", progress):
         for j in range(W):
             l = model(x, labels)[:, :, i:i + 1, j:j + 1]                 # (B, 10K, 1, 1)
-            x[:, :, i:i + 1, j:j + 1] = _sample_pixel(l, nr_mix, u_mix, u_val, i, j)
+            x[:, :, i:i + 1, j:j + 1] = _sample_pixel(l, nr_mix, u_mix, u_val, i, j, temperature)
     return x
 
 
-@torch.inference_mode()
-def sample_fast(model, labels, obs=(3, 32, 32), generator=None, progress=False):
-    """The same samples as `sample`, given the same generator, in about one forward pass of compute.
+def _sample_cached(model, x, labels, first_row, u_mix, u_val, temperature, progress):
+    """Keep rows 0..first_row-1 of x (B, C, H, W) and sample rows first_row..H-1 in raster order
+    with the cached region pass; returns a new tensor (x is not written). What x holds from
+    first_row on is never read: the cache starts those rows at zero, as `sample_fast` starts its
+    canvas, so first_row = 0 draws exactly what `sample_fast` draws from the same noise.
 
     Instead of a full forward pass per pixel, every layer computes only the positions the new pixel
     can change, reading the rest from a cache (`PixelCNN.forward_region`, after Ramachandran et
-    al., 2017, "Fast Generation for Convolutional Autoregressive Models"): the `u` stream, which
-    sees only the rows above, once per row; the `ul` stream once per pixel at full resolution, and
-    at 1/2 and 1/4 resolution only on the pixels where a coarser position gets its last input.
+    al., 2017, "Fast Generation for Convolutional Autoregressive Models"): the kept rows once, as
+    one band through both streams; then the `u` stream, which sees only the rows above, once per
+    row; the `ul` stream once per pixel at full resolution, and at 1/2 and 1/4 resolution only on
+    the pixels where a coarser position gets its last input.
     """
     from model import LayerCache   # utils stays importable without the model module's layers
     if model.training:
-        raise ValueError("sample_fast needs model.eval(): the cached path has no dropout")
-    C, H, W = obs
+        raise ValueError("the cached sampler needs model.eval(): its region pass has no dropout")
+    C, H, W = x.shape[1:]
     nr_mix = model.nr_logistic_mix
-    u_mix, u_val = _sampling_noise(labels.shape[0], nr_mix, obs, generator, labels.device)
-    cache = LayerCache(model, torch.zeros(labels.shape[0], C, H, W, device=labels.device), labels)
+    cache = LayerCache(model, x, labels)
+    cache.x[:, :C, first_row:] = 0
     with parametrize.cached():   # the weight-norm weights, computed once instead of per step
-        for i in progress_bar(range(H), "sampling rows", progress):
+        if first_row > 0:
+            model.forward_region(cache, (0, first_row - 1), (0, W - 1))
+        for i in progress_bar(range(first_row, H), "sampling rows", progress):
             model.forward_region(cache, (i, i), (0, W - 1), streams=("u",))
             for j in range(W):
                 l = model.forward_region(cache, (i, i), (j, j), streams=("ul",))   # (B, 10K, 1, 1)
-                cache.x[:, :C, i:i + 1, j:j + 1] = _sample_pixel(l, nr_mix, u_mix, u_val, i, j)
+                cache.x[:, :C, i:i + 1, j:j + 1] = _sample_pixel(l, nr_mix, u_mix, u_val, i, j,
+                                                                 temperature)
     return cache.x[:, :C].clone()
+
+
+@torch.inference_mode()
+def sample_fast(model, labels, obs=(3, 32, 32), generator=None, progress=False, temperature=1.0):
+    """The same samples as `sample`, given the same generator and temperature, in about one forward
+    pass of compute (the cached region pass of `_sample_cached`). Needs model.eval()."""
+    check_temperature(temperature)
+    u_mix, u_val = _sampling_noise(labels.shape[0], model.nr_logistic_mix, obs, generator,
+                                   labels.device)
+    x = torch.zeros(labels.shape[0], *obs, device=labels.device)
+    return _sample_cached(model, x, labels, 0, u_mix, u_val, temperature, progress)
+
+
+@torch.inference_mode()
+def complete(model, x, labels, rows, generator=None, temperature=1.0, progress=False):
+    """Class-conditional completion: keep the first `rows` rows of x (B, C, H, W) exactly and
+    sample the rest under `labels` (int64 (B,)) with the cached sampler. Returns (B, C, H, W).
+
+    The noise is drawn for the whole image, as `sample_fast` draws it, so rows=0 gives exactly
+    the images `sample_fast` gives from the same generator. Needs model.eval().
+    """
+    check_temperature(temperature)
+    B, C, H, W = x.shape
+    if labels.shape != (B,):
+        raise ValueError(f"labels must have shape ({B},), one per image, got {tuple(labels.shape)}")
+    if not (isinstance(rows, int) and 0 <= rows <= H):
+        raise ValueError(f"rows must be an integer from 0 to the image height {H}, got {rows!r}")
+    u_mix, u_val = _sampling_noise(B, model.nr_logistic_mix, (C, H, W), generator, x.device)
+    return _sample_cached(model, x, labels, rows, u_mix, u_val, temperature, progress)
 
 
 def class_pixel_log_likelihoods(model, x, num_classes):
