@@ -5,11 +5,14 @@ PixelCNN++, with the course's interface.
     python classification_evaluation.py --tta flip               # add log p(mirror(x) | c)
     python classification_evaluation.py -m test                  # writes submission.csv and logits.npy
     python classification_evaluation.py -m test --fid VALUE      # ... with the row fid,VALUE last
+    python classification_evaluation.py --explain 4              # also explain_validation.png
 
 For a labelled split it prints `Accuracy: <float>` (the line the course grades), then per-class
 accuracy, macro F1 and the confusion matrix, and saves the matrix as a PNG. For the unlabelled
 test split it writes `submission.csv` in one of the course's two forms (SUBMISSION_FORMATS) and
-`logits.npy` (N x classes log p(x | c)), both in test.csv's order.
+`logits.npy` (N x classes log p(x | c)), both in test.csv's order. `--explain K` draws, for K
+images (misclassified ones first), how much more likely each pixel is under each class than under
+the average class.
 """
 
 import argparse
@@ -20,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset import DatasetError, load_dataset
+from dataset import DatasetError, load_dataset, rescaling_inv
 from model import DEFAULT_CHECKPOINT, load_model
-from utils import bf16_autocast, class_log_likelihoods, dataset_log_likelihoods, \
-    line_buffered_stdout, pick_device
+from utils import (bf16_autocast, class_log_likelihoods, class_pixel_log_likelihoods,
+                   dataset_log_likelihoods, line_buffered_stdout, pick_device)
 
 # The two forms of submission.csv the course's terms took, by --submission_format.
 SUBMISSION_FORMATS = {
@@ -31,6 +34,8 @@ SUBMISSION_FORMATS = {
                 "--fid is given",
     "test_csv": "no header, rows `test/0000021.jpg,2`: test.csv with the labels filled in",
 }
+EXPLAIN_MAP_PERCENTILE = 99.5   # the shared colour scale ends here, so a few extreme pixels do
+                                # not wash out the rest of every map
 
 
 @torch.no_grad()
@@ -87,6 +92,85 @@ def save_confusion_png(confusion, class_names, path, title):
     plt.close(fig)
 
 
+def explanation_order(labels, predictions):
+    """Indices of the images to explain: the misclassified ones first, then the rest, each group
+    in file order. Unlabelled images (label -1) count as misclassified, so they keep file order."""
+    wrong = labels != predictions
+    return torch.cat([wrong.nonzero()[:, 0], (~wrong).nonzero()[:, 0]])
+
+
+@torch.no_grad()
+def explanation_maps(model, x):
+    """Per-pixel evidence for each class: images (B, C, H, W) -> (pixel log-likelihoods, maps),
+    both (B, classes, H, W) in nats.
+
+    maps[b, c] = log p_c(x_ij | x_<ij) - the mean of it over classes: how much more likely each
+    pixel is under class c than under the average class. A map's sum is log p(x | c) minus the
+    mean over classes of log p(x | c'), so the predicted class has the largest sum.
+    """
+    pixel_ll = class_pixel_log_likelihoods(model, x, model.num_classes)    # (B, classes, H, W)
+    return pixel_ll, pixel_ll - pixel_ll.mean(dim=1, keepdim=True)
+
+
+def save_explanation_png(images, pixel_ll, maps, class_names, truths, predictions, path, title):
+    """One row per image: the image, then its map for every class on one symmetric colour scale
+    (red: the pixel favours the class, blue: it speaks against it). Titles give log p(x | c) and
+    the map's sum; the predicted class is starred.
+
+    images (K, C, H, W) in [-1, 1]; pixel_ll and maps (K, classes, H, W); truths and predictions
+    (K,) ints, a truth of -1 meaning unlabelled.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    k, n = maps.shape[:2]
+    # a floor, so an unconditional model's all-zero maps still get a valid colour range
+    limit = max(float(np.percentile(maps.abs().numpy(), EXPLAIN_MAP_PERCENTILE)), 1e-6)
+    fig, axes = plt.subplots(k, n + 1, figsize=(1.9 * (n + 1) + 1.0, 2.3 * k + 0.5), squeeze=False)
+    for row in range(k):
+        truth = class_names[truths[row]] if truths[row] >= 0 else "unlabelled"
+        axes[row, 0].imshow(rescaling_inv(images[row]).clamp(0, 1).permute(1, 2, 0).numpy(),
+                            interpolation="nearest")
+        axes[row, 0].set_title(f"true: {truth}\npredicted: {class_names[predictions[row]]}",
+                               fontsize=8)
+        for c in range(n):
+            shown = axes[row, c + 1].imshow(maps[row, c].numpy(), cmap="RdBu_r", vmin=-limit,
+                                            vmax=limit, interpolation="nearest")
+            star = "*" if c == predictions[row] else ""
+            axes[row, c + 1].set_title(
+                f"{star}{class_names[c]}{star}\nlog p(x|c) = {pixel_ll[row, c].sum():.1f}\n"
+                f"{maps[row, c].sum():+.1f} vs mean", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    bar = fig.add_axes((0.91, 0.15, 0.015, 0.7))
+    fig.colorbar(shown, cax=bar, extend="both").set_label(
+        "log p(pixel | class) - mean over classes (nats)", fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def explain(model, data, predictions, k, split, path, device):
+    """Explain k images of `data`, the split named `split`, misclassified ones first, into the PNG
+    at `path`, and print one line per image."""
+    chosen = explanation_order(data.labels, predictions)[:k]                    # (k,)
+    x = data.images[chosen].to(device)
+    pixel_ll, maps = (t.float().cpu() for t in explanation_maps(model, x))    # (k, classes, H, W)
+    truths, chosen_predictions = data.labels[chosen].tolist(), predictions[chosen].tolist()
+    title = (f"{split}: how much more likely each pixel is under a class than under the average "
+             f"class (* = predicted)")
+    save_explanation_png(data.images[chosen], pixel_ll, maps, data.class_names, truths,
+                         chosen_predictions, path, title)
+    names = data.class_names
+    for index, truth, prediction, ll in zip(chosen.tolist(), truths, chosen_predictions,
+                                            pixel_ll.sum(dim=(2, 3)).tolist()):
+        ll_text = ", ".join(f"{names[c]} {v:.1f}" for c, v in enumerate(ll))
+        print(f"explained {split} image {index}: true {names[truth] if truth >= 0 else 'unlabelled'}, "
+              f"predicted {names[prediction]}; log p(x|c): {ll_text}")
+    print(f"explanation maps of {len(truths)} images -> {path}")
+
+
 def main(args):
     # Mistakes in the flags fail here, before minutes of classification.
     if args.fid is not None and not math.isfinite(args.fid):
@@ -112,7 +196,11 @@ def main(args):
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    explain_png = out_dir / f"explain_{args.mode}.png"
+
     if (data.labels < 0).all():   # unlabelled (the course's test split): write the submission
+        if args.explain:
+            explain(model, data, predictions, args.explain, args.mode, explain_png, device)
         np.save(out_dir / "logits.npy", ll.numpy())
         write_submission(out_dir / "submission.csv", data.paths, predictions.tolist(),
                          args.submission_format, args.fid)
@@ -134,6 +222,8 @@ def main(args):
     save_confusion_png(report["confusion"].numpy(), names, png,
                        f"{args.mode}: {100 * report['accuracy']:.2f}% accuracy")
     print(f"confusion matrix -> {png}")
+    if args.explain:
+        explain(model, data, predictions, args.explain, args.mode, explain_png, device)
 
 
 def build_parser():
@@ -159,13 +249,26 @@ def build_parser():
     p.add_argument("--fid", type=float, default=None,
                    help="FID value (as generation_evaluation.py prints it) for the last row of the "
                         "id_label submission; without it there is no fid row")
+    p.add_argument("--explain", type=int, default=None, metavar="K",
+                   help="also write explain_<mode>.png: for K images (misclassified ones first) "
+                        "how much more likely each pixel is under each class than on average "
+                        "(the maps score the image alone, without --tta)")
     p.add_argument("--out_dir", default=".",
-                   help="where submission.csv, logits.npy and the confusion PNG go")
+                   help="where submission.csv, logits.npy and the confusion and explanation PNGs go")
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
                    help="auto picks cuda, then mps, then cpu")
     return p
 
 
+def parse_args(argv=None):
+    """The command line, checked: bad values stop with a one-line usage error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.explain is not None and args.explain < 1:
+        parser.error(f"--explain K needs K >= 1 images, got {args.explain}")
+    return args
+
+
 if __name__ == "__main__":
     line_buffered_stdout()
-    main(build_parser().parse_args())
+    main(parse_args())

@@ -1,6 +1,7 @@
 """classification_evaluation.py against an independent computation: the accuracy, per-class
 accuracy, macro F1 and confusion matrix it prints, the submission and logits it writes, flip TTA,
-the course's `get_label` hook, and the errors a bad checkpoint gives.
+the course's `get_label` hook, the explanation maps (`--explain`), and the errors a bad checkpoint
+gives.
 
 "Independent" means a per-class loop written here: run the model once per class c with every label
 set to c, take `discretized_mix_logistic_loss(..., reduction="none")`, argmax over classes of the
@@ -326,6 +327,66 @@ def test_classification_report_by_hand():
     _, recall, macro_f1, _ = numpy_report(labels.numpy(), predictions.numpy(), NUM_CLASSES)
     assert report["per_class"] == pytest.approx(recall)
     assert report["macro_f1"] == pytest.approx(macro_f1)
+
+
+# ---------------------------------------------------------------------------------- explain
+
+def test_explanation_order_puts_misclassified_first():
+    labels = torch.tensor([0, 1, 2, 3, 1, -1])
+    predictions = torch.tensor([0, 2, 2, 1, 1, 0])
+    assert ce.explanation_order(labels, predictions).tolist() == [1, 3, 5, 0, 2, 4]
+
+
+def test_explanation_maps_add_up_to_the_class_log_likelihoods(model):
+    """Each class's pixel log-likelihoods sum to log p(x | c) of the per-class loop; each map sums
+    to log p(x | c) minus its mean over classes, and the maps cancel at every pixel."""
+    x = (torch.randint(0, 256, (3, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+         .float() / 127.5 - 1)
+    pixel_ll, maps = ce.explanation_maps(model, x)
+    assert pixel_ll.shape == maps.shape == (3, NUM_CLASSES, 16, 16)
+    ll = per_class_log_likelihoods(model, x)                              # (3, classes)
+    torch.testing.assert_close(pixel_ll.sum(dim=(2, 3)).double(), ll, rtol=1e-5, atol=LL_ATOL)
+    torch.testing.assert_close(maps.sum(dim=(2, 3)).double(), ll - ll.mean(dim=1, keepdim=True),
+                               rtol=1e-5, atol=LL_ATOL)
+    torch.testing.assert_close(maps.sum(dim=1), torch.zeros(3, 16, 16), rtol=0, atol=1e-5)
+
+
+@needs_data
+def test_explain_shows_misclassified_images_first(checkpoint, model, validation, tmp_path):
+    """--explain 6 on a validation split of 8 real images, 4 that the independent classifier gets
+    right followed by 4 it gets wrong: the wrong ones come first, then the first 2 right ones, each
+    printed with its true and predicted class and log p(x | c)."""
+    ll = per_class_log_likelihoods(model, validation.images[:64])         # (64, 4)
+    right = (ll.argmax(dim=1) == validation.labels[:64]).nonzero()[:, 0]
+    wrong = (ll.argmax(dim=1) != validation.labels[:64]).nonzero()[:, 0]
+    assert len(right) >= 4 and len(wrong) >= 4, "the tiny model needs both kinds; reseed"
+    rows = torch.cat([right[:4], wrong[:4]])                              # split order
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "validation").symlink_to(DATA / "validation")
+    (data / "validation.csv").write_text("".join(
+        f"{validation.paths[i]},{validation.labels[i]}\n" for i in rows.tolist()))
+    proc = evaluate(checkpoint, tmp_path, "--explain", "6", "-i", data)
+    assert proc.returncode == 0, proc.stderr
+
+    names = validation.class_names
+    shown = re.findall(r"^explained validation image (\d+): true (\w+), predicted (\w+); "
+                       r"log p\(x\|c\): (.*)$", proc.stdout, re.M)
+    assert [int(index) for index, *_ in shown] == [4, 5, 6, 7, 0, 1]
+    for index, truth, predicted, values in shown:
+        i = rows[int(index)]
+        assert truth == names[validation.labels[i]] and predicted == names[ll[i].argmax()]
+        printed = [float(v.split()[1]) for v in values.split(", ")]
+        np.testing.assert_allclose(printed, ll[i].numpy(), rtol=0, atol=0.05 + LL_ATOL)
+    png = tmp_path / "explain_validation.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in proc.stdout
+
+
+def test_explain_needs_a_positive_count(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ce.parse_args(["--explain", "0"])
+    assert exit_info.value.code == 2
+    assert "error: --explain K needs K >= 1 images, got 0" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- errors
