@@ -5,6 +5,9 @@ batch 128, 192-dimensional Inception features).
     python generation_evaluation.py                  # models/conditional_pixelcnn.pth -> samples/
     python generation_evaluation.py --fid_weights pt_inception-2015-12-05-6726825d.pth
     python generation_evaluation.py --skip_fid --n_per_class 8 --seed 1
+    python generation_evaluation.py --temperature 0.8       # sharper, less varied samples
+    python generation_evaluation.py --completions 4         # figures only: no samples for FID
+    python generation_evaluation.py --temperature_sweep     # figures only: T = 1.0, 0.9, 0.8, 0.7
 
 It writes `--n_per_class` PNGs per class into `--gen_data_dir` (`Class0_00.png`, ...), a grid
 with one row per class next to that folder (`samples_grid.png`), and prints
@@ -17,6 +20,15 @@ internet they are downloaded once into the torch hub cache; on a machine without
 node), fetch the file elsewhere and pass `--fid_weights PATH`. Exit codes: 1 bad input (missing
 checkpoint or reference folder, found before sampling), 2 the Inception weights are unavailable,
 3 FID undefined for this many samples; after 2 and 3 the samples are kept.
+
+Two figures instead of the samples and FID (both go in `<gen_data_dir>/grids/`, a subfolder, so
+FID never reads them):
+- `--completions K`: the first K reference images with their top half kept, completed under every
+  class (`completions.png`);
+- `--temperature_sweep [T ...]`: `--n_per_class` samples per class at each temperature, written to
+  `<gen_data_dir>/temperature_<T>/`, a grid per temperature (`temperature_sweep.png`), and the
+  share of them the model's own Bayes classifier assigns to the class they were drawn for; FID per
+  temperature where the Inception weights are at hand, and a line saying why not where they are not.
 """
 
 import argparse
@@ -30,15 +42,18 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from pytorch_fid.fid_score import (IMAGE_EXTENSIONS, calculate_activation_statistics,
                                    calculate_frechet_distance)
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
-from dataset import CLASS_NAMES, my_bidict, one_line, rescaling_inv
+from dataset import CLASS_NAMES, my_bidict, one_line, rescaling_inv, resize_and_rescale
 from model import DEFAULT_CHECKPOINT, load_model
-from utils import line_buffered_stdout, pick_device, sample_fast
+from utils import (check_temperature, complete, dataset_log_likelihoods, line_buffered_stdout,
+                   pick_device, progress_bar, sample_fast)
 
 IMAGE_SIZE = 32                 # the course samples and grades 32x32 images
 SAMPLES_PER_CLASS = 25          # the course's sample_batch_size: 4 x 25 = 100 generated images
@@ -48,6 +63,9 @@ FID_WEIGHTS_NAME = FID_WEIGHTS_URL.rsplit("/", 1)[1]    # pt_inception-2015-12-0
 FID_WEIGHTS_SHA256_PREFIX = torch.hub.HASH_REGEX.search(FID_WEIGHTS_NAME).group(1)
 EXIT_NO_WEIGHTS = 2
 EXIT_FID_UNDEFINED = 3
+SWEEP_TEMPERATURES = (1.0, 0.9, 0.8, 0.7)
+SWEEP_GRID_COLUMNS = 8          # samples per class shown in the sweep figure (all are classified)
+CLASSIFY_BATCH_SIZE = 32        # images per batch when the sweep classifies its samples
 SAMPLE_NAME = re.compile(rf"^(?:{'|'.join(map(re.escape, my_bidict))})_\d+\.png$")
 
 
@@ -71,18 +89,22 @@ def remove_old_samples(gen_data_dir):
 
 
 def my_sample(model, gen_data_dir, sample_batch_size=SAMPLES_PER_CLASS,
-              obs=(3, IMAGE_SIZE, IMAGE_SIZE), sample_op=None):
+              obs=(3, IMAGE_SIZE, IMAGE_SIZE), sample_op=None, temperature=1.0):
     """The course's hook: `sample_batch_size` images of every class in my_bidict, saved as 8-bit
     PNGs `<class>_<index>.png` (Class0_00.png, ...) in gen_data_dir, after removing that folder's
     old samples.
 
     sample_op(model, labels, obs) -> (B, *obs) in [-1, 1] draws one image per label (int64 (B,)
     on the model's device); the default is utils.sample_fast with a progress bar, called once for
-    all classes together. The model is sampled in eval mode (dropout off) and left in the mode it
-    came in. Returns all images, (classes * sample_batch_size, *obs) in [-1, 1] on the CPU, one
-    class after another.
+    all classes together, at `temperature` (a sample_op of your own takes no temperature from
+    here). The model is sampled in eval mode (dropout off) and left in the mode it came in.
+    Returns all images, (classes * sample_batch_size, *obs) in [-1, 1] on the CPU, one class after
+    another.
     """
-    sample_op = sample_op or partial(sample_fast, progress=True)
+    check_temperature(temperature)
+    if sample_op is not None and temperature != 1.0:
+        raise ValueError("temperature applies to the default sampler; give your sample_op its own")
+    sample_op = sample_op or partial(sample_fast, progress=True, temperature=temperature)
     gen_data_dir = Path(gen_data_dir)
     gen_data_dir.mkdir(parents=True, exist_ok=True)
     remove_old_samples(gen_data_dir)
@@ -104,6 +126,147 @@ def my_sample(model, gen_data_dir, sample_batch_size=SAMPLES_PER_CLASS,
 def grid_path(gen_data_dir):
     """The grid goes in a subfolder: FID reads every image directly in gen_data_dir."""
     return Path(gen_data_dir) / "grids" / "generated_grid.png"
+
+
+def figure_path(gen_data_dir, name):
+    """Where a figure goes: next to the grid, out of FID's way. Makes the folder."""
+    path = Path(gen_data_dir) / "grids" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------- figures
+
+def load_reference_images(folder, k, image_size):
+    """The first k images of a folder, in the order FID reads them: (k, 3, S, S) in [-1, 1],
+    resized as the dataset resizes. Raises ValueError when the folder holds fewer than k."""
+    files = image_files(folder)[:k]
+    if len(files) < k:
+        raise ValueError(f"{k} images asked for, but {folder} holds {len(files)}")
+    images = []
+    for f in files:
+        with Image.open(f) as image:
+            pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
+        images.append(resize_and_rescale(pixels.float() / 255.0, image_size))
+    return torch.stack(images)                                            # (k, 3, S, S)
+
+
+def complete_under_every_class(model, images, rows, generator=None, temperature=1.0):
+    """Keep the first `rows` rows of each image and complete it under every class:
+    (K, C, H, W) -> (K, classes, C, H, W), on the model's device."""
+    k, n = images.shape[0], model.num_classes
+    device = next(model.parameters()).device
+    x = images.to(device).repeat_interleave(n, dim=0)                    # (K*n, C, H, W)
+    labels = torch.arange(n, device=device).repeat(k)                    # (K*n,): 0..n-1 per image
+    completed = complete(model, x, labels, rows, generator, temperature, progress=True)
+    return completed.view(k, n, *images.shape[1:])
+
+
+def _show(ax, image):
+    """Draw one (C, H, W) image in [-1, 1] without axes ticks."""
+    ax.imshow(rescaling_inv(image).clamp(0, 1).permute(1, 2, 0).cpu().numpy(),
+              interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([])
+
+
+def save_completions_png(originals, completed, rows, class_names, path, temperature):
+    """One row per image: the original, the part kept (the rest grey), and its completion under
+    every class, with a dashed line where the kept rows end."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    k, n = completed.shape[:2]
+    fig, axes = plt.subplots(k, n + 2, figsize=(1.3 * (n + 2), 1.35 * k + 0.6), squeeze=False)
+    kept = originals.clone()
+    kept[:, :, rows:] = 0.0                                              # grey in [-1, 1]
+    for row in range(k):
+        _show(axes[row, 0], originals[row])
+        _show(axes[row, 1], kept[row])
+        for c in range(n):
+            _show(axes[row, c + 2], completed[row, c])
+            axes[row, c + 2].axhline(rows - 0.5, color="white", lw=0.8, ls="--")
+    for col, name in enumerate(["original", "kept"] + list(class_names)):
+        axes[0, col].set_title(name, fontsize=9)
+    fig.suptitle(f"top {rows} rows kept, the rest sampled under each class (T = {temperature})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def completions(model, args, images, device):
+    """The --completions figure: each image's top half kept and completed under every class."""
+    rows = args.image_size // 2
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    completed = complete_under_every_class(model, images, rows, generator, args.temperature)
+    path = figure_path(args.gen_data_dir, "completions.png")
+    save_completions_png(images, completed.cpu(), rows, CLASS_NAMES, path, args.temperature)
+    print(f"{images.shape[0]} images from {args.ref_data_dir}, top {rows} rows kept, completed "
+          f"under {', '.join(CLASS_NAMES)} -> {path}")
+
+
+def class_agreement(model, images, labels, device):
+    """The share of images that the model's Bayes classifier assigns to their label."""
+    ll = dataset_log_likelihoods(model, images, model.num_classes, CLASSIFY_BATCH_SIZE, device,
+                                 progress=True)                           # (N, classes)
+    return (ll.argmax(dim=1) == labels).double().mean().item()
+
+
+def save_sweep_png(results, n_per_class, class_names, path):
+    """A grid per temperature (a row per class, up to SWEEP_GRID_COLUMNS samples each), titled
+    with the share classified as drawn and the FID where there is one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    columns = min(n_per_class, SWEEP_GRID_COLUMNS)
+    n = len(class_names)
+    fig, axes = plt.subplots(len(results), 1, figsize=(0.45 * columns + 1.4, 2.0 * len(results)),
+                             squeeze=False)
+    for ax, result in zip(axes[:, 0], results):
+        shown = result["images"].view(n, n_per_class, *result["images"].shape[1:])[:, :columns]
+        grid = make_grid(rescaling_inv(shown.flatten(0, 1)), nrow=columns, padding=1)   # (3, h, w)
+        ax.imshow(grid.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+        side = grid.shape[1] / n
+        ax.set_yticks([side * (c + 0.5) for c in range(n)], class_names, fontsize=8)
+        ax.set_xticks([])
+        fid = f", FID {result['fid']:.1f}" if result["fid"] is not None else ""
+        ax.set_title(f"T = {result['temperature']}: {100 * result['agreement']:.0f}% classified "
+                     f"as drawn{fid}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def temperature_sweep(model, args, temperatures, fid, device):
+    """The --temperature_sweep figure and numbers: for each temperature, the same seed's samples,
+    the share classified as drawn and, when `fid` = (net, reference statistics) is given, FID."""
+    obs = (model.input_channels, args.image_size, args.image_size)
+    labels = torch.arange(model.num_classes).repeat_interleave(args.n_per_class)
+    results = []
+    for temperature in progress_bar(temperatures, "temperatures"):
+        folder = Path(args.gen_data_dir) / f"temperature_{temperature}"
+        torch.manual_seed(args.seed)           # the same noise at every temperature
+        images = my_sample(model, folder, args.n_per_class, obs, temperature=temperature)
+        result = dict(temperature=temperature, images=images, folder=folder,
+                      agreement=class_agreement(model, images, labels, device), fid=None,
+                      fid_text="")
+        if fid is not None:
+            net, stats_ref = fid
+            stats = folder_statistics(image_files(folder), net, args.dims, args.batch_size, device)
+            try:
+                result["fid"] = frechet_distance(stats, stats_ref)
+                result["fid_text"] = f"; FID {result['fid']}"
+            except FIDUndefinedError as err:
+                result["fid_text"] = f"; FID undefined ({err})"
+        results.append(result)
+    path = figure_path(args.gen_data_dir, "temperature_sweep.png")
+    save_sweep_png(results, args.n_per_class, CLASS_NAMES, path)
+    for r in results:
+        agreed = round(r["agreement"] * labels.shape[0])
+        print(f"T={r['temperature']}: {agreed} of {labels.shape[0]} samples "
+              f"({100 * r['agreement']:.1f}%) classified as the class they were drawn for"
+              f"{r['fid_text']} -> {r['folder']}/")
+    print(f"temperature sweep -> {path}")
 
 
 # ------------------------------------------------------------------------------------------ FID
@@ -206,6 +369,46 @@ def frechet_distance(stats_gen, stats_ref):
 
 # ----------------------------------------------------------------------------------------- main
 
+def prepare_fid(args, device):
+    """What FID needs, checked before any long sampling: (reference files, Inception network,
+    the FIDWeightsError that kept the network from being built), all None with --skip_fid.
+    Exits on a missing reference folder."""
+    if args.skip_fid:
+        return None, None, None
+    ref_files = image_files(args.ref_data_dir)
+    if not ref_files:
+        sys.exit(f"error: no reference images in {args.ref_data_dir}; fetch the data with "
+                 f"`python dataset.py --download` or pass --ref_data_dir")
+    try:
+        return ref_files, build_fid_inception(args.dims, device, args.fid_weights), None
+    except FIDWeightsError as err:
+        print(f"warning: {err}. Sampling anyway; FID will be skipped.")
+        return ref_files, None, err
+
+
+def figures(model, args, device):
+    """--completions and --temperature_sweep: the figures, instead of the samples and FID. Bad
+    input (too few reference images, no reference folder) stops before any sampling."""
+    images, sweep = None, args.temperature_sweep is not None
+    if args.completions is not None:
+        try:
+            images = load_reference_images(args.ref_data_dir, args.completions, args.image_size)
+        except ValueError as err:
+            sys.exit(f"error: --completions: {err}")
+    ref_files, net, weights_error = prepare_fid(args, device) if sweep else (None, None, None)
+    if images is not None:
+        completions(model, args, images, device)
+    if not sweep:
+        return
+    fid = None
+    if net is not None:
+        fid = (net, folder_statistics(ref_files, net, args.dims, args.batch_size, device))
+    temperature_sweep(model, args, args.temperature_sweep or SWEEP_TEMPERATURES, fid, device)
+    if net is None:
+        reason = "--skip_fid" if args.skip_fid else str(weights_error)
+        print(f"FID per temperature: not computed ({reason})")
+
+
 def main(args):
     device = pick_device(args.device)
     try:
@@ -218,23 +421,16 @@ def main(args):
         sys.exit(f"error: {args.checkpoint} knows {model.num_classes} classes; this script samples "
                  f"the {len(my_bidict)} CPEN455 classes")
 
-    # Everything that can fail fast does so before the long sampling step.
-    net, weights_error = None, None
-    if not args.skip_fid:
-        ref_files = image_files(args.ref_data_dir)
-        if not ref_files:
-            sys.exit(f"error: no reference images in {args.ref_data_dir}; fetch the data with "
-                     f"`python dataset.py --download` or pass --ref_data_dir")
-        try:
-            net = build_fid_inception(args.dims, device, args.fid_weights)
-        except FIDWeightsError as err:
-            weights_error = err
-            print(f"warning: {err}. Sampling anyway; FID will be skipped.")
+    if args.completions is not None or args.temperature_sweep is not None:
+        figures(model, args, device)
+        return
+    ref_files, net, weights_error = prepare_fid(args, device)
 
     gen_dir = Path(args.gen_data_dir)
     torch.manual_seed(args.seed)   # after the Inception build, whose init draws from the same RNG
     images = my_sample(model, gen_dir, args.n_per_class,
-                       (model.input_channels, args.image_size, args.image_size))
+                       (model.input_channels, args.image_size, args.image_size),
+                       temperature=args.temperature)
     grid_path(gen_dir).parent.mkdir(exist_ok=True)
     save_image(rescaling_inv(images), grid_path(gen_dir), nrow=args.n_per_class, padding=1)
     print(f"{images.shape[0]} samples -> {gen_dir}/, grid ({', '.join(CLASS_NAMES)}, one row "
@@ -260,8 +456,8 @@ def main(args):
     print(f"Average fid score: {fid}")
 
 
-if __name__ == "__main__":
-    line_buffered_stdout()
+def parse_args(argv=None):
+    """The command line, checked: bad values stop with a one-line usage error."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model to sample")
@@ -282,9 +478,30 @@ if __name__ == "__main__":
                         f"without it the torch hub cache is used, downloading into it if missing")
     p.add_argument("--skip_fid", action="store_true", help="only sample, no FID")
     p.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature T: mixture logits divided by T, logistic scales "
+                        "multiplied by T; below 1 sharper and less varied samples")
+    p.add_argument("--completions", type=int, default=None, metavar="K",
+                   help="instead of sampling for FID, write grids/completions.png: the first K "
+                        "--ref_data_dir images, top half kept, completed under every class")
+    p.add_argument("--temperature_sweep", type=float, nargs="*", default=None, metavar="T",
+                   help="instead of sampling for FID, sample --n_per_class per class at each T "
+                        f"(none given: {' '.join(map(str, SWEEP_TEMPERATURES))}), classify them "
+                        "and write grids/temperature_sweep.png; FID per T where the Inception "
+                        "weights are at hand")
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
                    help="auto picks cuda, then mps, then cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.n_per_class < 1 or args.image_size < 4 or args.image_size % 4:
         p.error("--n_per_class must be >= 1 and --image_size a positive multiple of 4")
-    main(args)
+    if args.completions is not None and args.completions < 1:
+        p.error(f"--completions K needs K >= 1 images, got {args.completions}")
+    for t in [args.temperature, *(args.temperature_sweep or [])]:
+        if not 0 < t < math.inf:
+            p.error(f"temperatures must be finite and > 0, got {t}")
+    return args
+
+
+if __name__ == "__main__":
+    line_buffered_stdout()
+    main(parse_args())

@@ -1,7 +1,9 @@
 """Tests for generation_evaluation.py: the Fréchet distance against closed forms and an independent
 eigendecomposition, the whole pipeline against pytorch-fid's own `calculate_fid_given_paths` (the
 course's grading call), `my_sample`'s files, and the script end to end offline, including every
-way FID can fail. pytorch-fid's Inception architecture with random weights stands in for the real
+way FID can fail; `--temperature` against the cached sampler, `--completions`, and
+`--temperature_sweep`'s samples, class agreement and FID per temperature against an independent
+classifier and pytorch-fid. pytorch-fid's Inception architecture with random weights stands in for the real
 weights (no internet here); a tiny PixelCNN samples the 100 images with the cached sampler. The end-to-end run dominates
 the time: its floor is the Inception pass over 619 images at 299x299, about 90 ms an image on one
 core:
@@ -30,6 +32,7 @@ from pytorch_fid.fid_score import calculate_fid_given_paths
 import generation_evaluation as ge
 from dataset import my_bidict
 from model import PixelCNN
+from utils import discretized_mix_logistic_loss, sample_fast
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "cpen455"
@@ -99,12 +102,40 @@ def script_args(**overrides):
     args = dict(checkpoint=ge.DEFAULT_CHECKPOINT, gen_data_dir="samples", ref_data_dir="data/test",
                 n_per_class=ge.SAMPLES_PER_CLASS, image_size=ge.IMAGE_SIZE, dims=ge.FID_DIMS,
                 batch_size=ge.FID_BATCH_SIZE, fid_weights=None, skip_fid=False, seed=0,
-                device="cpu")
+                device="cpu", temperature=1.0, completions=None, temperature_sweep=None)
     return Namespace(**(args | overrides))
 
 
 def sample_names(n_per_class):
     return sorted(f"{name}_{i:02d}.png" for name in my_bidict for i in range(n_per_class))
+
+
+def read_levels(folder, n_per_class):
+    """The 8-bit levels of the PNGs my_sample wrote, one class after another: (4 n, 3, H, W)."""
+    images = [torch.from_numpy(np.array(Image.open(folder / f"{name}_{i:02d}.png")))
+              for name in my_bidict for i in range(n_per_class)]
+    return torch.stack(images).permute(0, 3, 1, 2).long()
+
+
+def levels(images):
+    """Images in [-1, 1] on the 256-level grid -> their levels 0..255."""
+    return torch.round((images + 1) * 127.5).long()
+
+
+def drawn_labels(n_per_class):
+    return torch.arange(len(my_bidict)).repeat_interleave(n_per_class)
+
+
+def load_tiny(checkpoint):
+    return PixelCNN.from_state_dict(torch.load(checkpoint)).eval()
+
+
+@torch.no_grad()
+def independent_predictions(model, images):
+    """The Bayes classifier by a plain loop over classes: argmax_c -NLL(x | c)."""
+    nll = torch.stack([discretized_mix_logistic_loss(images, model(images, torch.full(
+        (images.shape[0],), c)), reduction="none") for c in range(model.num_classes)], dim=1)
+    return nll.argmin(dim=1)
 
 
 def independent_frechet(mu1, s1, mu2, s2):
@@ -228,6 +259,12 @@ def test_my_sample_writes_named_8bit_pngs_per_class(tmp_path):
             np.testing.assert_array_equal(png, made[label][i].permute(1, 2, 0).numpy())
 
 
+def test_my_sample_takes_no_temperature_for_a_sampler_of_its_own(tmp_path):
+    model = PixelCNN(nr_resnet=1, nr_filters=4, nr_logistic_mix=2)
+    with pytest.raises(ValueError, match="temperature applies to the default sampler"):
+        ge.my_sample(model, tmp_path, 1, (3, 8, 8), sample_op=lambda *a: None, temperature=0.5)
+
+
 # ------------------------------------------------------------------------------- script runs
 
 @needs_data
@@ -348,3 +385,121 @@ def test_skip_fid_only_samples_and_the_seed_makes_it_reproducible(tmp_path, chec
 
     first, again, other = run(tmp_path / "a", 0), run(tmp_path / "b", 0), run(tmp_path / "c", 1)
     assert sorted(first) == sample_names(1) and first == again and first != other
+
+
+# ------------------------------------------------------------------- temperature and figures
+
+def test_temperature_flag_reaches_the_samples(tmp_path, checkpoint):
+    """main at --temperature 0.7 writes what sample_fast draws at T = 0.7 from the seed."""
+    gen = tmp_path / "samples"
+    ge.main(script_args(checkpoint=checkpoint, gen_data_dir=gen, n_per_class=2, image_size=8,
+                        skip_fid=True, seed=4, temperature=0.7))
+    model, labels = load_tiny(checkpoint), drawn_labels(2)
+    torch.manual_seed(4)
+    expected = sample_fast(model, labels, (3, 8, 8), temperature=0.7)
+    assert torch.equal(read_levels(gen, 2), levels(expected))
+    torch.manual_seed(4)
+    assert not torch.equal(expected, sample_fast(model, labels, (3, 8, 8)))
+
+
+@needs_data
+def test_completions_figure(tmp_path, checkpoint, capsys):
+    """--completions 2 writes the figure under grids/, and neither samples nor FID."""
+    gen = tmp_path / "samples"
+    ge.main(script_args(checkpoint=checkpoint, gen_data_dir=gen, ref_data_dir=DATA / "test",
+                        completions=2, image_size=16))
+    out = capsys.readouterr().out
+    png = gen / "grids" / "completions.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in out
+    assert not list(gen.glob("*.png")) and "fid" not in out.lower()
+
+
+@needs_data
+def test_complete_under_every_class_keeps_each_images_top(checkpoint):
+    model = load_tiny(checkpoint)
+    images = ge.load_reference_images(DATA / "test", 2, 16)               # (2, 3, 16, 16)
+    done = ge.complete_under_every_class(model, images, 8, torch.Generator().manual_seed(0))
+    assert done.shape == (2, len(my_bidict), 3, 16, 16)
+    assert torch.equal(done[:, :, :, :8], images[:, None, :, :8].expand(-1, 4, -1, -1, -1))
+    assert not torch.equal(done[:, 0, :, 8:], done[:, 1, :, 8:])
+
+
+def test_completions_needs_enough_reference_images(tmp_path, checkpoint):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    Image.new("RGB", (SIZE, SIZE)).save(ref / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        ge.main(script_args(checkpoint=checkpoint, gen_data_dir=tmp_path / "g", ref_data_dir=ref,
+                            completions=3))
+    assert exit_info.value.code == f"error: --completions: 3 images asked for, but {ref} holds 1"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--completions", "0"], "--completions K needs K >= 1 images, got 0"),
+    (["--temperature", "0"], "temperatures must be finite and > 0, got 0.0"),
+    (["--temperature_sweep", "1.0", "-0.5"], "temperatures must be finite and > 0, got -0.5"),
+])
+def test_bad_figure_and_temperature_flags_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ge.parse_args(flags)
+    assert exit_info.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
+def test_sweep_flag_alone_means_the_default_temperatures():
+    assert ge.parse_args(["--temperature_sweep"]).temperature_sweep == []
+    assert ge.parse_args([]).temperature_sweep is None
+    assert ge.SWEEP_TEMPERATURES == (1.0, 0.9, 0.8, 0.7)
+
+
+@needs_data
+def test_temperature_sweep_end_to_end(tmp_path, checkpoint, fid_weights, monkeypatch, capsys):
+    """Two temperatures: the samples are sample_fast's at each T from the same seed, the printed
+    agreement is an independent classifier's count on the PNGs, and the printed FID is
+    pytorch-fid's calculate_fid_given_paths on the same folders (checked at one T: its Inception
+    passes dominate the time)."""
+    gen, ref = tmp_path / "samples", copy_images(DATA / "test", tmp_path / "ref", 8)
+    ge.main(script_args(checkpoint=checkpoint, gen_data_dir=gen, ref_data_dir=ref,
+                        temperature_sweep=[1.0, 0.5], n_per_class=2, image_size=16,
+                        fid_weights=fid_weights, dims=SMALL_DIMS, batch_size=8))
+    out = capsys.readouterr().out
+    assert (gen / "grids" / "temperature_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(gen.glob("*.png")), "the sweep's samples stay out of FID's folder"
+
+    model, labels = load_tiny(checkpoint), drawn_labels(2)
+    printed_fid = {}
+    for t in (1.0, 0.5):
+        folder = gen / f"temperature_{t}"
+        images = read_levels(folder, 2)
+        torch.manual_seed(0)
+        assert torch.equal(images, levels(sample_fast(model, labels, (3, 16, 16), temperature=t)))
+        agreed = (independent_predictions(model, images.float() / 127.5 - 1) == labels).sum()
+        line = re.search(rf"^T={t}: (\d+) of 8 samples .* classified as the class they were "
+                         rf"drawn for; FID (\S+) -> ", out, re.M)
+        assert line and int(line.group(1)) == agreed.item(), out
+        printed_fid[t] = float(line.group(2))
+
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / WEIGHTS_NAME).symlink_to(fid_weights)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))
+    course = calculate_fid_given_paths([str(gen / "temperature_0.5"), str(ref)], 8, "cpu",
+                                       dims=SMALL_DIMS, num_workers=0)
+    assert printed_fid[0.5] == pytest.approx(course, rel=1e-6)
+    assert printed_fid[1.0] != printed_fid[0.5]
+
+
+def test_temperature_sweep_says_why_there_is_no_fid(tmp_path, checkpoint, monkeypatch, capsys):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    Image.new("RGB", (SIZE, SIZE)).save(ref / "a.png")
+
+    def no_weights(*args):
+        raise ge.FIDWeightsError("no Inception weights here")
+
+    monkeypatch.setattr(ge, "build_fid_inception", no_weights)
+    ge.main(script_args(checkpoint=checkpoint, gen_data_dir=tmp_path / "g", ref_data_dir=ref,
+                        n_per_class=1, image_size=8, temperature_sweep=[0.8]))
+    out = capsys.readouterr().out
+    assert re.search(r"^T=0.8: \d of 4 samples .* drawn for -> ", out, re.M), out
+    assert "FID per temperature: not computed (no Inception weights here)" in out
+
