@@ -65,7 +65,7 @@ EXIT_NO_WEIGHTS = 2
 EXIT_FID_UNDEFINED = 3
 SWEEP_TEMPERATURES = (1.0, 0.9, 0.8, 0.7)
 SWEEP_GRID_COLUMNS = 8          # samples per class shown in the sweep figure (all are classified)
-CLASSIFY_BATCH_SIZE = 32        # images per batch when the sweep classifies its samples
+NO_WEIGHTS_TEXT = "needs the Inception weights"
 SAMPLE_NAME = re.compile(rf"^(?:{'|'.join(map(re.escape, my_bidict))})_\d+\.png$")
 
 
@@ -207,7 +207,7 @@ def completions(model, args, images, device):
 
 def class_agreement(model, images, labels, device):
     """The share of images that the model's Bayes classifier assigns to their label."""
-    ll = dataset_log_likelihoods(model, images, model.num_classes, CLASSIFY_BATCH_SIZE, device,
+    ll = dataset_log_likelihoods(model, images, model.num_classes, device=device,
                                  progress=True)                           # (N, classes)
     return (ll.argmax(dim=1) == labels).double().mean().item()
 
@@ -237,9 +237,10 @@ def save_sweep_png(results, n_per_class, class_names, path):
     plt.close(fig)
 
 
-def temperature_sweep(model, args, temperatures, fid, device):
+def temperature_sweep(model, args, temperatures, fid, no_fid_text, device):
     """The --temperature_sweep figure and numbers: for each temperature, the same seed's samples,
-    the share classified as drawn and, when `fid` = (net, reference statistics) is given, FID."""
+    the share classified as drawn and, when `fid` = (net, reference statistics) is given, FID;
+    without it each temperature's line ends in `no_fid_text`."""
     obs = (model.input_channels, args.image_size, args.image_size)
     labels = torch.arange(model.num_classes).repeat_interleave(args.n_per_class)
     results = []
@@ -249,7 +250,7 @@ def temperature_sweep(model, args, temperatures, fid, device):
         images = my_sample(model, folder, args.n_per_class, obs, temperature=temperature)
         result = dict(temperature=temperature, images=images, folder=folder,
                       agreement=class_agreement(model, images, labels, device), fid=None,
-                      fid_text="")
+                      fid_text=f"; FID {no_fid_text}")
         if fid is not None:
             net, stats_ref = fid
             stats = folder_statistics(image_files(folder), net, args.dims, args.batch_size, device)
@@ -400,13 +401,15 @@ def figures(model, args, device):
         completions(model, args, images, device)
     if not sweep:
         return
-    fid = None
+    fid, no_fid_text = None, "not computed (--skip_fid)"
     if net is not None:
         fid = (net, folder_statistics(ref_files, net, args.dims, args.batch_size, device))
-    temperature_sweep(model, args, args.temperature_sweep or SWEEP_TEMPERATURES, fid, device)
-    if net is None:
-        reason = "--skip_fid" if args.skip_fid else str(weights_error)
-        print(f"FID per temperature: not computed ({reason})")
+    elif weights_error is not None:
+        no_fid_text = NO_WEIGHTS_TEXT
+    temperature_sweep(model, args, args.temperature_sweep or SWEEP_TEMPERATURES, fid, no_fid_text,
+                      device)
+    if weights_error is not None:
+        print(f"FID per temperature {NO_WEIGHTS_TEXT}: {weights_error}")
 
 
 def main(args):

@@ -2,11 +2,11 @@
 eigendecomposition, the whole pipeline against pytorch-fid's own `calculate_fid_given_paths` (the
 course's grading call), `my_sample`'s files, and the script end to end offline, including every
 way FID can fail; `--temperature` against the cached sampler, `--completions`, and
-`--temperature_sweep`'s samples, class agreement and FID per temperature against an independent
-classifier and pytorch-fid. pytorch-fid's Inception architecture with random weights stands in for the real
-weights (no internet here); a tiny PixelCNN samples the 100 images with the cached sampler. The end-to-end run dominates
-the time: its floor is the Inception pass over 619 images at 299x299, about 90 ms an image on one
-core:
+`--temperature_sweep`'s samples, class agreement and FID per temperature against the sampler, an
+independent classifier and pytorch-fid. pytorch-fid's Inception architecture with random weights
+stands in for the real weights (no internet here); a tiny PixelCNN samples the 100 images with the
+cached sampler. The end-to-end run dominates the time: its floor is the Inception pass over 619
+images at 299x299, about 90 ms an image on one core:
 
     python -m pytest tests/test_generation_evaluation.py -q --durations=5
 """
@@ -138,6 +138,16 @@ def independent_predictions(model, images):
     return nll.argmin(dim=1)
 
 
+def course_hub(fid_weights, monkeypatch):
+    """Point torch hub at a folder holding `fid_weights` under the official name, as TORCH_HOME
+    would, so that pytorch-fid's own calls load them."""
+    hub = fid_weights.parent / "hub"
+    (hub / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if not (hub / "checkpoints" / WEIGHTS_NAME).exists():
+        (hub / "checkpoints" / WEIGHTS_NAME).symlink_to(fid_weights)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))
+
+
 def independent_frechet(mu1, s1, mu2, s2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) by symmetric eigendecompositions: the trace
     of (S1 S2)^(1/2) is the sum of square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2)."""
@@ -201,11 +211,7 @@ def test_pipeline_equals_pytorch_fid_calculate_fid_given_paths(fid_weights, fold
     stats_b = ge.folder_statistics(files_b, net, SMALL_DIMS, 128, "cpu")
     ours = ge.frechet_distance(stats_a, stats_b)
 
-    hub = fid_weights.parent / "hub"
-    (hub / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if not (hub / "checkpoints" / WEIGHTS_NAME).exists():
-        (hub / "checkpoints" / WEIGHTS_NAME).symlink_to(fid_weights)
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))   # what TORCH_HOME would select
+    course_hub(fid_weights, monkeypatch)
     course = calculate_fid_given_paths([str(f) for f in folders], 128, "cpu", dims=SMALL_DIMS,
                                        num_workers=0)
     assert math.isfinite(ours) and ours > 0
@@ -478,10 +484,7 @@ def test_temperature_sweep_end_to_end(tmp_path, checkpoint, fid_weights, monkeyp
         assert line and int(line.group(1)) == agreed.item(), out
         printed_fid[t] = float(line.group(2))
 
-    hub = tmp_path / "hub"
-    (hub / "checkpoints").mkdir(parents=True)
-    (hub / "checkpoints" / WEIGHTS_NAME).symlink_to(fid_weights)
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))
+    course_hub(fid_weights, monkeypatch)
     course = calculate_fid_given_paths([str(gen / "temperature_0.5"), str(ref)], 8, "cpu",
                                        dims=SMALL_DIMS, num_workers=0)
     assert printed_fid[0.5] == pytest.approx(course, rel=1e-6)
@@ -489,6 +492,8 @@ def test_temperature_sweep_end_to_end(tmp_path, checkpoint, fid_weights, monkeyp
 
 
 def test_temperature_sweep_says_why_there_is_no_fid(tmp_path, checkpoint, monkeypatch, capsys):
+    """No Inception weights: the sweep still samples, classifies and draws, and every temperature
+    says FID needs the weights; with --skip_fid it says FID was not asked for."""
     ref = tmp_path / "ref"
     ref.mkdir()
     Image.new("RGB", (SIZE, SIZE)).save(ref / "a.png")
@@ -497,9 +502,16 @@ def test_temperature_sweep_says_why_there_is_no_fid(tmp_path, checkpoint, monkey
         raise ge.FIDWeightsError("no Inception weights here")
 
     monkeypatch.setattr(ge, "build_fid_inception", no_weights)
-    ge.main(script_args(checkpoint=checkpoint, gen_data_dir=tmp_path / "g", ref_data_dir=ref,
-                        n_per_class=1, image_size=8, temperature_sweep=[0.8]))
-    out = capsys.readouterr().out
-    assert re.search(r"^T=0.8: \d of 4 samples .* drawn for -> ", out, re.M), out
-    assert "FID per temperature: not computed (no Inception weights here)" in out
-
+    for skip_fid, fid_text in ((False, "needs the Inception weights"),
+                               (True, r"not computed \(--skip_fid\)")):
+        gen = tmp_path / f"g_{skip_fid}"
+        ge.main(script_args(checkpoint=checkpoint, gen_data_dir=gen, ref_data_dir=ref,
+                            n_per_class=1, image_size=8, skip_fid=skip_fid,
+                            temperature_sweep=[0.8]))
+        out = capsys.readouterr().out
+        assert re.search(rf"^T=0.8: \d of 4 samples .* drawn for; FID {fid_text} -> ", out,
+                         re.M), out
+        explained = "FID per temperature needs the Inception weights: no Inception weights here"
+        assert (explained in out) is not skip_fid
+        assert (gen / "grids" / "temperature_sweep.png").is_file()
+        assert sorted(p.name for p in (gen / "temperature_0.8").glob("*.png")) == sample_names(1)
