@@ -26,9 +26,10 @@ FID never reads them):
 - `--completions K`: the first K reference images with their top half kept, completed under every
   class (`completions.png`);
 - `--temperature_sweep [T ...]`: `--n_per_class` samples per class at each temperature, written to
-  `<gen_data_dir>/temperature_<T>/`, a grid per temperature (`temperature_sweep.png`), and the
-  share of them the model's own Bayes classifier assigns to the class they were drawn for; FID per
-  temperature where the Inception weights are at hand, and a line saying why not where they are not.
+  `<gen_data_dir>/temperature_<T>/`, a grid per temperature (`temperature_sweep.png`), the share
+  of them the model's own Bayes classifier assigns to the class they were drawn for and the median
+  margin of that class's log-likelihood over the next; FID per temperature where the Inception
+  weights are at hand, and a line saying why not where they are not.
 """
 
 import argparse
@@ -205,24 +206,35 @@ def completions(model, args, images, device):
           f"under {', '.join(CLASS_NAMES)} -> {path}")
 
 
-def class_agreement(model, images, labels, device):
-    """The share of images that the model's Bayes classifier assigns to their label."""
+def class_evidence(model, images, labels, device):
+    """How the model's own Bayes classifier sees images drawn for `labels` (N,): the share it
+    assigns to their label, and the median margin in nats of log p(x | label) over the likeliest
+    other class (the lower median for even N)."""
     ll = dataset_log_likelihoods(model, images, model.num_classes, device=device,
                                  progress=True)                           # (N, classes)
-    return (ll.argmax(dim=1) == labels).double().mean().item()
+    own = ll.gather(1, labels[:, None])[:, 0]                             # (N,)
+    best_other = ll.scatter(1, labels[:, None], -math.inf).amax(dim=1)     # (N,)
+    share = (ll.argmax(dim=1) == labels).double().mean().item()
+    return share, (own - best_other).median().item()
 
 
 def save_sweep_png(results, n_per_class, class_names, path):
-    """A grid per temperature (a row per class, up to SWEEP_GRID_COLUMNS samples each), titled
-    with the share classified as drawn and the FID where there is one."""
+    """A grid per temperature, two to a row (a row per class, up to SWEEP_GRID_COLUMNS samples
+    each), titled with the share classified as drawn, the median margin and the FID where there
+    is one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    columns = min(n_per_class, SWEEP_GRID_COLUMNS)
-    n = len(class_names)
-    fig, axes = plt.subplots(len(results), 1, figsize=(0.45 * columns + 1.4, 2.0 * len(results)),
-                             squeeze=False)
-    for ax, result in zip(axes[:, 0], results):
+    columns, n = min(n_per_class, SWEEP_GRID_COLUMNS), len(class_names)
+    panels_across = min(2, len(results))
+    panels_down = -(-len(results) // panels_across)
+    inch_per_image = 0.5          # about 1.5 screen pixels per image pixel at dpi 100
+    fig, axes = plt.subplots(panels_down, panels_across, squeeze=False,
+                             figsize=(panels_across * (inch_per_image * columns + 1.0),
+                                      panels_down * (inch_per_image * n + 0.7)))
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    for ax, result in zip(axes.flat, results):
         shown = result["images"].view(n, n_per_class, *result["images"].shape[1:])[:, :columns]
         grid = make_grid(rescaling_inv(shown.flatten(0, 1)), nrow=columns, padding=1)   # (3, h, w)
         ax.imshow(grid.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
@@ -230,8 +242,8 @@ def save_sweep_png(results, n_per_class, class_names, path):
         ax.set_yticks([side * (c + 0.5) for c in range(n)], class_names, fontsize=8)
         ax.set_xticks([])
         fid = f", FID {result['fid']:.1f}" if result["fid"] is not None else ""
-        ax.set_title(f"T = {result['temperature']}: {100 * result['agreement']:.0f}% classified "
-                     f"as drawn{fid}", fontsize=9)
+        ax.set_title(f"T = {result['temperature']}: {100 * result['share']:.0f}% classified as "
+                     f"drawn\nmedian margin {result['margin']:.0f} nats{fid}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -239,8 +251,8 @@ def save_sweep_png(results, n_per_class, class_names, path):
 
 def temperature_sweep(model, args, temperatures, fid, no_fid_text, device):
     """The --temperature_sweep figure and numbers: for each temperature, the same seed's samples,
-    the share classified as drawn and, when `fid` = (net, reference statistics) is given, FID;
-    without it each temperature's line ends in `no_fid_text`."""
+    the share classified as drawn, the median margin and, when `fid` = (net, reference
+    statistics) is given, FID; without it each temperature's line ends in `no_fid_text`."""
     obs = (model.input_channels, args.image_size, args.image_size)
     labels = torch.arange(model.num_classes).repeat_interleave(args.n_per_class)
     results = []
@@ -248,9 +260,9 @@ def temperature_sweep(model, args, temperatures, fid, no_fid_text, device):
         folder = Path(args.gen_data_dir) / f"temperature_{temperature}"
         torch.manual_seed(args.seed)           # the same noise at every temperature
         images = my_sample(model, folder, args.n_per_class, obs, temperature=temperature)
-        result = dict(temperature=temperature, images=images, folder=folder,
-                      agreement=class_agreement(model, images, labels, device), fid=None,
-                      fid_text=f"; FID {no_fid_text}")
+        share, margin = class_evidence(model, images, labels, device)
+        result = dict(temperature=temperature, images=images, folder=folder, share=share,
+                      margin=margin, fid=None, fid_text=f"; FID {no_fid_text}")
         if fid is not None:
             net, stats_ref = fid
             stats = folder_statistics(image_files(folder), net, args.dims, args.batch_size, device)
@@ -263,10 +275,10 @@ def temperature_sweep(model, args, temperatures, fid, no_fid_text, device):
     path = figure_path(args.gen_data_dir, "temperature_sweep.png")
     save_sweep_png(results, args.n_per_class, CLASS_NAMES, path)
     for r in results:
-        agreed = round(r["agreement"] * labels.shape[0])
+        agreed = round(r["share"] * labels.shape[0])
         print(f"T={r['temperature']}: {agreed} of {labels.shape[0]} samples "
-              f"({100 * r['agreement']:.1f}%) classified as the class they were drawn for"
-              f"{r['fid_text']} -> {r['folder']}/")
+              f"({100 * r['share']:.1f}%) classified as the class they were drawn for, median "
+              f"margin {r['margin']:.1f} nats over the next class{r['fid_text']} -> {r['folder']}/")
     print(f"temperature sweep -> {path}")
 
 

@@ -131,11 +131,10 @@ def load_tiny(checkpoint):
 
 
 @torch.no_grad()
-def independent_predictions(model, images):
-    """The Bayes classifier by a plain loop over classes: argmax_c -NLL(x | c)."""
-    nll = torch.stack([discretized_mix_logistic_loss(images, model(images, torch.full(
+def independent_log_likelihoods(model, images):
+    """log p(x | c) by a plain loop over classes: (N, C, H, W) -> (N, classes)."""
+    return torch.stack([-discretized_mix_logistic_loss(images, model(images, torch.full(
         (images.shape[0],), c)), reduction="none") for c in range(model.num_classes)], dim=1)
-    return nll.argmin(dim=1)
 
 
 def course_hub(fid_weights, monkeypatch):
@@ -460,7 +459,7 @@ def test_sweep_flag_alone_means_the_default_temperatures():
 @needs_data
 def test_temperature_sweep_end_to_end(tmp_path, checkpoint, fid_weights, monkeypatch, capsys):
     """Two temperatures: the samples are sample_fast's at each T from the same seed, the printed
-    agreement is an independent classifier's count on the PNGs, and the printed FID is
+    share and median margin are an independent classifier's on the PNGs, and the printed FID is
     pytorch-fid's calculate_fid_given_paths on the same folders (checked at one T: its Inception
     passes dominate the time)."""
     gen, ref = tmp_path / "samples", copy_images(DATA / "test", tmp_path / "ref", 8)
@@ -478,11 +477,16 @@ def test_temperature_sweep_end_to_end(tmp_path, checkpoint, fid_weights, monkeyp
         images = read_levels(folder, 2)
         torch.manual_seed(0)
         assert torch.equal(images, levels(sample_fast(model, labels, (3, 16, 16), temperature=t)))
-        agreed = (independent_predictions(model, images.float() / 127.5 - 1) == labels).sum()
+        ll = independent_log_likelihoods(model, images.float() / 127.5 - 1)    # (8, classes)
+        agreed = (ll.argmax(dim=1) == labels).sum().item()
+        margins = sorted(ll[k, labels[k]].item() - max(ll[k, c].item() for c in range(4)
+                                                       if c != labels[k]) for k in range(8))
         line = re.search(rf"^T={t}: (\d+) of 8 samples .* classified as the class they were "
-                         rf"drawn for; FID (\S+) -> ", out, re.M)
-        assert line and int(line.group(1)) == agreed.item(), out
-        printed_fid[t] = float(line.group(2))
+                         rf"drawn for, median margin (\S+) nats over the next class; FID (\S+) -> ",
+                         out, re.M)
+        assert line and int(line.group(1)) == agreed, out
+        assert float(line.group(2)) == pytest.approx(margins[3], abs=0.06)   # the lower median
+        printed_fid[t] = float(line.group(3))
 
     course_hub(fid_weights, monkeypatch)
     course = calculate_fid_given_paths([str(gen / "temperature_0.5"), str(ref)], 8, "cpu",
@@ -509,8 +513,8 @@ def test_temperature_sweep_says_why_there_is_no_fid(tmp_path, checkpoint, monkey
                             n_per_class=1, image_size=8, skip_fid=skip_fid,
                             temperature_sweep=[0.8]))
         out = capsys.readouterr().out
-        assert re.search(rf"^T=0.8: \d of 4 samples .* drawn for; FID {fid_text} -> ", out,
-                         re.M), out
+        line = rf"^T=0.8: \d of 4 samples .* over the next class; FID {fid_text} -> "
+        assert re.search(line, out, re.M), out
         explained = "FID per temperature needs the Inception weights: no Inception weights here"
         assert (explained in out) is not skip_fid
         assert (gen / "grids" / "temperature_sweep.png").is_file()
