@@ -288,9 +288,9 @@ def class_log_likelihoods(model, x, num_classes):
     return class_pixel_log_likelihoods(model, x, num_classes).sum(dim=(2, 3))
 
 
-# Images per batch of dataset_log_likelihoods, by device type. On a CPU small batches keep a layer's
-# activations in cache: at 40 filters, 8 images (32 image-class pairs) per batch ran about twice as
-# fast as 32 (bench.py); elsewhere 32, the course's batch.
+# Images per batch of dataset_log_likelihoods, by device type. On a CPU a small batch (8 images,
+# 32 image-class pairs) keeps a layer's activations near the cache, and one pass of 32 pairs costs
+# what the course's pattern pays per class for 32 images; elsewhere 32, the course's batch.
 EVAL_BATCH_SIZE = {"cpu": 8}
 DEFAULT_EVAL_BATCH_SIZE = 32
 
