@@ -272,10 +272,6 @@ def setup(args):
     if args.batch_size % world_size:
         sys.exit(f"error: --batch_size {args.batch_size} is the global batch and must be "
                  f"divisible by the {world_size} processes")
-    if args.disc_start > 0 and not (args.max_minutes or args.max_steps):
-        sys.exit("error: --disc_start is a fraction of --max_minutes or --max_steps; give one")
-    if args.disc_temperature <= 0:
-        sys.exit(f"error: --disc_temperature must be positive, got {args.disc_temperature}")
     if ddp and args.disc_weight > 0 and args.disc_params == "label":
         sys.exit("error: --disc_params label runs its wrong-label passes outside DDP; it is "
                  "one-process only (use --disc_params all under torchrun)")
@@ -410,21 +406,20 @@ def next_batch(run, perm, i):
     return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
 
 
-def train_step(run, x, y, progress, hybrid=True):
-    """One optimizer step on the batch (x, y): forward, loss, backward, clip, step, EMA; the hybrid
-    term only when `hybrid` (see hybrid_acts) and --disc_weight is above 0.
+def train_step(run, x, y, progress):
+    """One optimizer step on the batch (x, y): forward, loss, backward, clip, step, EMA.
 
     Returns the global batch's (mean nll, objective, summed nll), the same on every process.
     A non-finite objective exits naming the step."""
     args = run.args
     with run.autocast():
-        m = max(1, int(args.disc_fraction * x.shape[0])) if hybrid and args.disc_weight > 0 else 0
+        m = max(1, int(args.disc_fraction * x.shape[0])) if args.disc_weight > 0 else 0
         nll, logits = training_pass(run.fwd_model, x, y, run.train.num_classes, m,  # (b,), (m, C)
                                     run.model if args.disc_params == "label" else None)
         # The mean over the local batch: DDP averages the gradients over the processes.
         loss = nll.mean() / run.num_dims                                     # nats/dim
         if logits is not None:
-            loss = loss + args.disc_weight * F.cross_entropy(logits / args.disc_temperature, y[:m])
+            loss = loss + args.disc_weight * F.cross_entropy(logits, y[:m])
     # Global numbers on every process, so the log shows the whole batch and a non-finite loss
     # stops all of them at the same step.
     stats = torch.stack([nll.mean(), loss, nll.sum()]).detach()
@@ -466,18 +461,6 @@ def stop_reason_after(run, step, start_time):
     return None
 
 
-def hybrid_acts(run, step, start_time):
-    """Whether the next step takes the hybrid term: from the start, or with --disc_start F once F
-    of the run has passed (of --max_minutes of the run's time when set, else of --max_steps)."""
-    args = run.args
-    if args.disc_start <= 0:
-        return True
-    if args.max_minutes:
-        start_s = 60 * args.disc_start * args.max_minutes
-        return rank0_decides(run, time.time() - start_time >= start_s)
-    return step >= args.disc_start * args.max_steps
-
-
 def train_epoch(run, progress, start_time):
     """Train from progress.batch_index to the end of the epoch, or until a stop condition, writing
     resume.pt every --checkpoint_minutes. Returns the stop reason, None when the epoch ran out."""
@@ -491,8 +474,7 @@ def train_epoch(run, progress, start_time):
         for i in bar:
             step_start = time.time()
             x, y = next_batch(run, progress.perm, i)
-            mean_nll, loss_value, sum_nll = train_step(
-                run, x, y, progress, hybrid_acts(run, progress.step, start_time))
+            mean_nll, loss_value, sum_nll = train_step(run, x, y, progress)
             progress.step, progress.batch_index = progress.step + 1, i + 1
 
             batch_bpd = bits_per_dim(mean_nll, run.num_dims)
@@ -626,12 +608,6 @@ def build_parser():
     p.add_argument("--disc_params", choices=("all", "label"), default="all",
                    help="what the hybrid term's passes under the wrong labels train: every "
                         "parameter, or only the label's embedding and projections")
-    p.add_argument("--disc_start", type=float, default=0.0,
-                   help="the hybrid term acts only after this fraction of the run (of "
-                        "--max_minutes when set, else of --max_steps); before it, plain likelihood")
-    p.add_argument("--disc_temperature", type=float, default=1.0,
-                   help="the hybrid term's posterior is softmax_c(log p(x|c) / T): above 1 it "
-                        "saturates less, so correctly classified images near the boundary count")
     p.add_argument("--disc_fraction", type=float, default=0.25,
                    help="fraction of each batch the hybrid term is computed on (each of those "
                         "images costs one more pass per other class)")

@@ -4,7 +4,6 @@ run's time carried over; result lines start their own line in a shared log; chec
 model in a fresh process; flags are real booleans; a non-finite loss stops the run."""
 
 import json
-import math
 import os
 import re
 import shutil
@@ -390,24 +389,3 @@ def test_label_only_hybrid_trains_the_trunk_on_the_true_label_only():
         expected = full[n] if n in label else trunk[n]
         torch.testing.assert_close(label_only[n], expected, rtol=1e-4, atol=1e-5, msg=n)
     assert any(not torch.allclose(full[n], trunk[n]) for n in names if n not in label)
-
-
-def test_disc_start_takes_plain_likelihood_first_then_the_tempered_hybrid_term(tmp_path):
-    """--disc_start 0.5 of --max_steps 4: steps 1-2 log an objective equal to the likelihood in
-    nats/dim (bits/dim times ln 2); steps 3-4 add the hybrid term. At a temperature far above the
-    log-likelihoods' differences the posterior is uniform, so the term is log(4 classes)."""
-    proc = train(tmp_path, "--max_steps", 4, "--disc_start", 0.5, "--disc_weight", 1.0,
-                 "--disc_temperature", 1e7)
-    assert proc.returncode == 0, proc.stderr
-    rows = [r.split(",") for r in (tmp_path / "steps.csv").read_text().splitlines()]
-    excess = {int(r[0]): float(r[3]) - float(r[2]) * math.log(2) for r in rows}
-    assert abs(excess[1]) < 1e-5 and abs(excess[2]) < 1e-5, excess
-    assert excess[3] == pytest.approx(math.log(4), abs=1e-4), excess
-    assert excess[4] == pytest.approx(math.log(4), abs=1e-4), excess
-
-
-def test_disc_start_needs_a_length_and_temperature_must_be_positive(tmp_path):
-    for extra, message in [(("--disc_start", 0.5), "--disc_start"),
-                           (("--disc_temperature", 0, "--max_steps", 1), "--disc_temperature")]:
-        proc = train(tmp_path, *extra)
-        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
