@@ -4,6 +4,7 @@ forms the README describes are the ones classification_evaluation.py writes, and
 speaks of issue numbers."""
 
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
         *sorted(p for p in REPO.glob("*/README.md") if not p.parent.name.startswith("."))]
 SCRIPTS = ["pcnn_train.py", "classification_evaluation.py", "generation_evaluation.py", "bench.py",
-           "dataset.py"]
+           "dataset.py", "docs/hybrid_frontier.py"]
 OTHER_TOOLS_FLAGS = {"--nproc_per_node"}   # torchrun's
 CODE_MODULES = ["model", "layers", "utils", "dataset", "pcnn_train", "classification_evaluation",
                 "generation_evaluation", "bench"]
@@ -98,3 +99,24 @@ def test_readme_says_which_submission_form_is_which():
     assert re.search(r"\| `id_label` \(default\) \| `id,label` \| `0000021\.jpg,2` \| `fid,<value>`",
                      text)
     assert re.search(r"\| `test_csv` \| none \| `test/0000021\.jpg,2`", text)
+
+
+def test_hybrid_frontier_plots_the_checkpoint_each_run_kept(tmp_path):
+    """docs/hybrid_frontier.py takes a run's first record with its best accuracy (training keeps a
+    new best only when strictly better), and writes one PNG for the committed logs."""
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        from hybrid_frontier import kept_checkpoint
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    log = tmp_path / "run_log.jsonl"
+    log.write_text("".join(json.dumps(dict(val_acc=a, val_bpd=b)) + "\n"
+                           for a, b in [(0.5, 6.0), (0.7, 5.5), (0.6, 5.0), (0.7, 4.9)]))
+    assert kept_checkpoint(log) == dict(val_acc=0.7, val_bpd=5.5)
+
+    logs = sorted(str(p) for p in (REPO / "results").rglob("*_log.jsonl"))
+    out = tmp_path / "frontier.png"
+    proc = subprocess.run([sys.executable, "docs/hybrid_frontier.py", *logs, "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"{len(logs)} runs" in proc.stdout

@@ -1,0 +1,49 @@
+"""Validation accuracy against validation bits/dim of 30-minute CPU runs, one point per run: the
+checkpoint each run kept (its best validation accuracy, EMA weights) and the bits/dim it logged
+there. Reads every <name>_log.jsonl given, labels each point with <name>, writes one PNG:
+
+    python docs/hybrid_frontier.py results/cpu_preset_1core_log.jsonl results/cpu_plain_ml_log.jsonl \
+        results/ablation/*_log.jsonl --out docs/img/hybrid_frontier.png
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+
+def kept_checkpoint(log_path):
+    """The record of the checkpoint a run kept: the first with its best validation accuracy (as
+    pcnn_train.py keeps a new best only when strictly better)."""
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
+    best = max(r["val_acc"] for r in records)
+    return next(r for r in records if r["val_acc"] == best)
+
+
+def main(args):
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for path in args.logs:
+        record = kept_checkpoint(path)
+        name = Path(path).name.removesuffix("_log.jsonl")
+        ax.scatter(record["val_bpd"], 100 * record["val_acc"], color="C0")
+        ax.annotate(name, (record["val_bpd"], 100 * record["val_acc"]), fontsize=8,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("validation bits/dim of the kept checkpoint (lower is better)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("30-minute CPU runs, one core each")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.2, y=0.1)          # room for the labels
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"{len(args.logs)} runs -> {args.out}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("logs", nargs="+", help="log.jsonl files of pcnn_train.py runs")
+    p.add_argument("--out", default="hybrid_frontier.png", help="the PNG to write")
+    main(p.parse_args())
