@@ -1,6 +1,8 @@
 """Validation accuracy against validation bits/dim of 30-minute CPU runs, one point per run: the
 checkpoint each run kept (its best validation accuracy, EMA weights) and the bits/dim it logged
-there. Reads every <name>_log.jsonl given, labels each point with <name>, writes one PNG:
+there. Reads every <name>_log.jsonl given, labels each point with <name>, writes one PNG, and
+prints each run's row of the table in docs/experiments.md (images/s over its training time,
+epochs, kept accuracy and its epoch, bits/dim there and at the end):
 
     python docs/hybrid_frontier.py results/cpu_preset_1core_log.jsonl results/cpu_plain_ml_log.jsonl \
         results/ablation/*_log.jsonl --out docs/img/hybrid_frontier.png
@@ -16,12 +18,26 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
+def read_log(log_path):
+    return [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
+
+
 def kept_checkpoint(log_path):
     """The record of the checkpoint a run kept: the first with its best validation accuracy (as
     pcnn_train.py keeps a new best only when strictly better)."""
-    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
+    records = read_log(log_path)
     best = max(r["val_acc"] for r in records)
     return next(r for r in records if r["val_acc"] == best)
+
+
+def table_row(log_path, name):
+    """The run's row: | `name` | images/s | epochs | accuracy (epoch) | bits/dim kept | at the end |."""
+    records, kept = read_log(log_path), kept_checkpoint(log_path)
+    seconds = sum(r["train_seconds"] for r in records)
+    images_per_s = sum(r["images_per_s"] * r["train_seconds"] for r in records) / seconds
+    return (f"| `{name}` | {images_per_s:.1f} | {records[-1]['epoch']:.1f} | "
+            f"{100 * kept['val_acc']:.2f}% ({kept['epoch']:.1f}) | {kept['val_bpd']:.3f} | "
+            f"{records[-1]['val_bpd']:.3f} |")
 
 
 def main(args):
@@ -32,6 +48,7 @@ def main(args):
         ax.scatter(record["val_bpd"], 100 * record["val_acc"], color="C0")
         ax.annotate(name, (record["val_bpd"], 100 * record["val_acc"]), fontsize=8,
                     xytext=(4, 3), textcoords="offset points")
+        print(table_row(path, name))
     ax.set_xlabel("validation bits/dim of the kept checkpoint (lower is better)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("30-minute CPU runs, one core each")

@@ -103,16 +103,21 @@ def test_readme_says_which_submission_form_is_which():
 
 def test_hybrid_frontier_plots_the_checkpoint_each_run_kept(tmp_path):
     """docs/hybrid_frontier.py takes a run's first record with its best accuracy (training keeps a
-    new best only when strictly better), and writes one PNG for the committed logs."""
+    new best only when strictly better), prints the run's table row with images/s over its whole
+    training time, and writes one PNG for the committed logs."""
     sys.path.insert(0, str(REPO / "docs"))
     try:
-        from hybrid_frontier import kept_checkpoint
+        from hybrid_frontier import kept_checkpoint, table_row
     finally:
         sys.path.remove(str(REPO / "docs"))
     log = tmp_path / "run_log.jsonl"
-    log.write_text("".join(json.dumps(dict(val_acc=a, val_bpd=b)) + "\n"
-                           for a, b in [(0.5, 6.0), (0.7, 5.5), (0.6, 5.0), (0.7, 4.9)]))
-    assert kept_checkpoint(log) == dict(val_acc=0.7, val_bpd=5.5)
+    rows = [(0.5, 6.0, 10, 2.0), (0.7, 5.5, 30, 4.0), (0.6, 5.0, 30, 4.0), (0.7, 4.9, 30, 4.0)]
+    log.write_text("".join(json.dumps(dict(epoch=e + 1, val_acc=a, val_bpd=b, train_seconds=t,
+                                           images_per_s=ips)) + "\n"
+                           for e, (a, b, t, ips) in enumerate(rows)))
+    assert kept_checkpoint(log)["val_bpd"] == 5.5
+    # 380 images in 100 s of training: 3.8 images/s, not the mean of the records' rates.
+    assert table_row(log, "run") == "| `run` | 3.8 | 4.0 | 70.00% (2.0) | 5.500 | 4.900 |"
 
     logs = sorted(str(p) for p in (REPO / "results").rglob("*_log.jsonl"))
     out = tmp_path / "frontier.png"
