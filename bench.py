@@ -15,9 +15,11 @@ Each line prints the straightforward time, the fast time and their ratio, plus p
 2. Classifying the 519 validation images: the course's pattern (a forward pass per class per
    batch of 32 and a Python loop over images in the loss) against `dataset_log_likelihoods` with
    its defaults (8 images per batch on a CPU, weight norm computed once), in float32 and under
-   bf16 autocast, on the validation split in --data_dir. Then it counts the predictions of each
-   that differ from the course pattern's, with --checkpoint (the shipped model,
-   models/conditional_pixelcnn.pth, by default) when it is there.
+   bf16 autocast (with and without the float32 recheck of close calls), on the validation split
+   in --data_dir. Then it prints the largest move bf16 makes in the gap between two classes'
+   log-likelihoods, and counts the predictions of each that differ from the course pattern's,
+   with --checkpoint (the shipped model, models/conditional_pixelcnn.pth, by default) when it is
+   there.
 3. Training step at 40 filters, 1 resnet, 5 mixtures, batch 32: float32 eager against bf16
    autocast (the loss in float32), eager and under torch.compile.
 Speed does not depend on the weights, so the other models are random.
@@ -33,8 +35,8 @@ import torch
 
 from dataset import DatasetError, load_dataset
 from model import DEFAULT_CHECKPOINT, PixelCNN, load_model
-from utils import (bf16_autocast, bf16_pays, dataset_log_likelihoods, discretized_mix_logistic_loss,
-                   pick_device, sample_fast)
+from utils import (AMP_RECHECK_NATS, bf16_autocast, bf16_pays, dataset_log_likelihoods,
+                   discretized_mix_logistic_loss, pick_device, sample_fast)
 
 NO_BF16 = "this CPU has no bf16 instructions, and PyTorch's emulation is slower than float32"
 SIZES = {"40/1/5": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5),
@@ -93,7 +95,7 @@ def bench_classification(device, val, model, model_name):
     """val: the validation split; model: the classifier whose predictions bf16 may change, named
     model_name in the output."""
 
-    predictions = {}
+    scores = {}
 
     def course_pattern():
         """One pass per class per batch of 32, a Python loop over images in the loss."""
@@ -104,13 +106,12 @@ def bench_classification(device, val, model, model_name):
                 out = model(x, torch.full((x.shape[0],), c, device=device))
                 for i in range(x.shape[0]):
                     nll[s + i, c] = discretized_mix_logistic_loss(x[i:i + 1], out[i:i + 1]).item()
-        predictions["course"] = nll.argmin(1)                               # (N,)
+        scores["course"] = -nll
 
-    def batched(precision, autocast):
-        """dataset_log_likelihoods, keeping its predictions for the comparison below."""
-        ll = dataset_log_likelihoods(model, val.images, val.num_classes, device=device,
-                                     autocast=autocast)                      # (N, classes)
-        predictions[precision] = ll.argmax(1)                                # (N,)
+    def batched(precision, autocast, **kwargs):
+        """dataset_log_likelihoods, keeping its scores for the comparisons below."""
+        scores[precision] = dataset_log_likelihoods(model, val.images, val.num_classes,
+                                                    device=device, autocast=autocast, **kwargs)
 
     slow = timed(course_pattern, device)
     fast = timed(lambda: batched("fp32", bf16_autocast(device, False)), device)
@@ -118,11 +119,20 @@ def bench_classification(device, val, model, model_name):
     report(f"classify {len(val.images)} validation images, {size}", slow, fast, device)
     if bf16_pays(device):
         fast_bf16 = timed(lambda: batched("bf16", bf16_autocast(device)), device)
-        report("  the same under bf16 autocast", slow, fast_bf16, device)
+        report(f"  the same under bf16 autocast ({AMP_RECHECK_NATS:g}-nat recheck)", slow,
+               fast_bf16, device)
+        raw_bf16 = timed(lambda: batched("bf16 without recheck", bf16_autocast(device),
+                                         recheck=0), device)
+        report("  the same, bf16 without the float32 recheck", slow, raw_bf16, device)
+        move = scores["bf16 without recheck"] - scores["fp32"]                     # (N, classes)
+        gap_move = (move[:, :, None] - move[:, None, :]).abs().max().item()
+        print(f"  bf16 moves the gap between two classes' log p(x|c) by up to {gap_move:.1f} nats",
+              flush=True)
     else:
         print(f"  bf16 autocast skipped: {NO_BF16}", flush=True)
-    for precision in sorted(predictions.keys() - {"course"}):
-        changed = (predictions[precision] != predictions["course"]).sum().item()
+    course = scores["course"].argmax(1)                                          # (N,)
+    for precision in sorted(scores.keys() - {"course"}):
+        changed = (scores[precision].argmax(1) != course).sum().item()
         print(f"  {precision} changes {changed} of {len(val.images)} predictions of the course "
               f"pattern ({model_name})", flush=True)
 

@@ -25,8 +25,9 @@ import torch
 
 from dataset import DatasetError, load_dataset, rescaling_inv
 from model import DEFAULT_CHECKPOINT, load_model
-from utils import (bf16_autocast, class_log_likelihoods, class_pixel_log_likelihoods,
-                   dataset_log_likelihoods, line_buffered_stdout, pick_device)
+from utils import (AMP_RECHECK_NATS, bf16_autocast, class_log_likelihoods,
+                   class_pixel_log_likelihoods, dataset_log_likelihoods, line_buffered_stdout,
+                   pick_device)
 
 # The two forms of submission.csv the course's terms took, by --submission_format.
 SUBMISSION_FORMATS = {
@@ -191,7 +192,8 @@ def main(args):
         sys.exit(f"error: --amp runs on cuda or cpu, not {device}")
     autocast = bf16_autocast(device, args.amp)
     ll = dataset_log_likelihoods(model, data.images, model.num_classes, args.batch_size, device,
-                                 tta=args.tta, progress=True, autocast=autocast)      # (N, classes)
+                                 tta=args.tta, progress=True, autocast=autocast,
+                                 recheck=args.amp_recheck)                            # (N, classes)
     predictions = ll.argmax(dim=1)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +245,9 @@ def build_parser():
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast: faster where the hardware has bf16, and log-likelihoods "
                         "rounded (bench.py counts the predictions that change)")
+    p.add_argument("--amp_recheck", type=float, default=AMP_RECHECK_NATS, metavar="NATS",
+                   help="with --amp, score again in float32 the images whose two best classes "
+                        "lie less than NATS apart (0: never)")
     p.add_argument("--submission_format", choices=sorted(SUBMISSION_FORMATS), default="id_label",
                    help="form of the test split's submission.csv: "
                         + "; ".join(f"{k}: {v}" for k, v in SUBMISSION_FORMATS.items()))
@@ -266,6 +271,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.explain is not None and args.explain < 1:
         parser.error(f"--explain K needs K >= 1 images, got {args.explain}")
+    if not 0 <= args.amp_recheck < math.inf:
+        parser.error(f"--amp_recheck needs a number of nats >= 0, got {args.amp_recheck}")
     return args
 
 

@@ -186,7 +186,7 @@ class PixelCNN(nn.Module):
 
         if self.late_proj is not None:
             ul = add_pairs(ul, self.late_proj(cond)[:, :, None, None])
-        return expand_pairs(self.nin_out(F.elu(ul)), labels.shape[0])   # (n, ..., H, W)
+        return expand_pairs(self.mixture(ul), labels.shape[0])           # (n, ..., H, W)
 
     def forward_region(self, cache, rows, cols, streams=("u", "ul")):
         """Rows rows[0]..rows[1] and columns cols[0]..cols[1] of forward(cache.x, labels),
@@ -263,7 +263,14 @@ class PixelCNN(nn.Module):
         ul = _window(ul, regions[1])
         if self.late_proj is not None:
             ul = ul + self.late_proj(cond)[:, :, None, None]
-        return self.nin_out(F.elu(ul))
+        return self.mixture(ul)
+
+    def mixture(self, ul):
+        """The output layer: (B, F, H, W) features -> (B, mixture channels, H, W), in float32
+        even under autocast, as the loss is. In bf16 a mean near 1 would be rounded by up to a
+        quarter of the width of one of the 256 bins, at every sub-pixel."""
+        with torch.autocast(ul.device.type, enabled=False):
+            return self.nin_out(F.elu(ul.to(torch.promote_types(ul.dtype, torch.float32))))
 
     def get_extra_state(self):
         return dict(self.config)

@@ -300,15 +300,26 @@ def eval_batch_size(device):
     return EVAL_BATCH_SIZE.get(torch.device(device).type, DEFAULT_EVAL_BATCH_SIZE)
 
 
+# Under autocast, dataset_log_likelihoods scores again in float32 the images whose two best classes
+# are closer than this, in nats: bf16 rounding moves the gap between two classes' log-likelihoods
+# by up to 17 nats on the shipped model's validation images (`python bench.py --only
+# classification` prints the largest move), and a smaller gap could flip the prediction.
+AMP_RECHECK_NATS = 20.0
+
+
 @torch.no_grad()
 def dataset_log_likelihoods(model, images, num_classes, batch_size=None, device="cpu",
-                            tta=None, progress=False, autocast=nullcontext):
+                            tta=None, progress=False, autocast=nullcontext,
+                            recheck=AMP_RECHECK_NATS):
     """log p(x | c) for a whole split, in file order: images (N, C, H, W) -> (N, num_classes), on CPU.
 
     `batch_size` counts images (default: `eval_batch_size(device)`); each batch makes
     batch_size * num_classes network passes at once. The weight-norm weights are computed once for
     the whole split, not once per batch. tta="flip" adds the log-likelihoods of each image and its
     mirror image (still the generative classifier: it scores log p(x | c) + log p(mirror(x) | c)).
+    With an `autocast` (a factory such as `bf16_autocast(device)`), the images whose best two
+    classes lie less than `recheck` nats apart are scored again without it, so that rounding
+    decides no close call; recheck=0 keeps every autocast score.
     """
     if tta not in (None, "none", "flip"):
         raise ValueError(f"tta must be None, 'none' or 'flip', got {tta!r}")
@@ -322,7 +333,14 @@ def dataset_log_likelihoods(model, images, num_classes, batch_size=None, device=
                 if tta == "flip":
                     ll = ll + class_log_likelihoods(model, x.flip(dims=[3]), num_classes)
             out.append(ll.float().cpu())
-    return torch.cat(out)                                                       # (N, num_classes)
+    ll = torch.cat(out)                                                         # (N, num_classes)
+    if autocast is not nullcontext and recheck > 0 and num_classes > 1:
+        best_two = ll.topk(2, dim=1).values                                     # (N, 2)
+        close = (best_two[:, 0] - best_two[:, 1] < recheck).nonzero().squeeze(1)
+        if len(close):
+            ll[close] = dataset_log_likelihoods(model, images[close], num_classes, batch_size,
+                                                device, tta)
+    return ll
 
 
 def pick_device(name="auto"):

@@ -28,7 +28,7 @@ import torch
 import classification_evaluation as ce
 from dataset import load_dataset
 from model import PixelCNN
-from utils import dataset_log_likelihoods, discretized_mix_logistic_loss
+from utils import bf16_autocast, dataset_log_likelihoods, discretized_mix_logistic_loss
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "cpen455"
@@ -281,14 +281,47 @@ def test_fid_where_it_cannot_go_is_a_one_line_error(checkpoint, tmp_path, flags,
 
 @needs_data
 def test_amp_rounds_the_log_likelihoods(checkpoint, model, tmp_path):
-    """--amp: bf16 autocast moves log p(x|c) off the float32 values, by rounding only."""
-    proc = evaluate(checkpoint, tmp_path, "-m", "test", "--amp")
+    """--amp without the recheck: bf16 autocast moves log p(x|c) off the float32 values, by
+    rounding only."""
+    proc = evaluate(checkpoint, tmp_path, "-m", "test", "--amp", "--amp_recheck", "0")
     assert proc.returncode == 0, proc.stderr
     rows = slice(None, None, 8)
     logits = np.load(tmp_path / "logits.npy")[rows]
     expected = per_class_log_likelihoods(model, load_dataset("cpen455", DATA, "test").images[rows])
     assert not np.array_equal(logits, expected.numpy())
     np.testing.assert_allclose(logits, expected.numpy(), rtol=2e-2)
+
+
+def test_amp_recheck_scores_the_close_calls_in_float32():
+    """Under autocast, exactly the images whose two best classes lie less than `recheck` nats
+    apart in bf16 get their float32 scores; the others keep their bf16 scores."""
+    model = tiny_model()
+    torch.manual_seed(1)
+    x = torch.rand(12, 3, 8, 8) * 2 - 1
+    bf16 = bf16_autocast(torch.device("cpu"))
+    fp32 = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4)               # (12, 4)
+    rounded = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, autocast=bf16,
+                                      recheck=0)
+    best_two = rounded.topk(2, dim=1).values
+    gap = best_two[:, 0] - best_two[:, 1]                                             # (12,)
+    recheck = gap.median().item()
+    close = gap < recheck
+    assert 0 < close.sum() < len(x)                     # both kinds of rows are in the test
+    assert not torch.equal(rounded, fp32)               # autocast really rounded
+    mixed = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, autocast=bf16,
+                                    recheck=recheck)
+    torch.testing.assert_close(mixed[close], fp32[close], rtol=0, atol=LL_ATOL)
+    assert torch.equal(mixed[~close], rounded[~close])
+    # without autocast there is nothing to recheck: float32 throughout
+    torch.testing.assert_close(dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4,
+                                                       recheck=1e9), fp32, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan"])
+def test_amp_recheck_needs_finite_nats(value, capsys):
+    with pytest.raises(SystemExit):
+        ce.parse_args(["--amp_recheck", value])
+    assert "error: --amp_recheck needs a number of nats >= 0" in capsys.readouterr().err
 
 
 @needs_data

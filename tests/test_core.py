@@ -443,11 +443,30 @@ def test_from_state_dict_needs_a_config():
 def test_bfloat16_autocast_close_to_float32():
     model = tiny_model(fusion="joint")
     x, labels = grid_images(2, 3, 8, 8), torch.tensor([1, 2])
+    hidden = []
+    model.up_ul[0][0].register_forward_hook(lambda module, args, out: hidden.append(out.dtype))
     with torch.no_grad():
-        reference = discretized_mix_logistic_loss(x, model(x, labels), reduction="none")
+        l_fp32 = model(x, labels)
+        reference = discretized_mix_logistic_loss(x, l_fp32, reduction="none")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             l = model(x, labels)
             loss = discretized_mix_logistic_loss(x, l, reduction="none")
-    assert l.dtype == torch.bfloat16                  # autocast really took over the convolutions
+    assert hidden == [torch.float32, torch.bfloat16]  # autocast really took over the convolutions
+    assert l.dtype == torch.float32                   # ... but not the output layer
+    assert not torch.equal(l, l_fp32)
     assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
     torch.testing.assert_close(loss, reference, rtol=2e-2, atol=0)
+
+
+def test_output_layer_runs_in_float32_under_autocast():
+    """PixelCNN.mixture, the output layer of the full and of the cached pass, on bf16 features
+    under autocast: the output layer applied to the same features in float32, autocast off."""
+    model = tiny_model()
+    ul = torch.randn(2, model.config["nr_filters"], 4, 4).bfloat16()
+    with torch.no_grad():
+        expected = model.nin_out(torch.nn.functional.elu(ul.float()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.nin_out(ul).dtype == torch.bfloat16      # what autocast alone would do
+            out = model.mixture(ul)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
