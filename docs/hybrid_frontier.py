@@ -4,7 +4,7 @@ there. Reads every <name>_log.jsonl given, labels each point with <name>, writes
 prints each run's row of the table in docs/experiments.md (images/s over its training time,
 epochs, kept accuracy and its epoch, bits/dim there and at the end):
 
-    python docs/hybrid_frontier.py results/cpu_preset_1core_log.jsonl results/cpu_plain_ml_log.jsonl \
+    python docs/hybrid_frontier.py results/cpu_preset_1core_log.jsonl results/cpu_plain_ml_1core_log.jsonl \
         results/ablation/*_log.jsonl --out docs/img/hybrid_frontier.png
 """
 
