@@ -302,7 +302,7 @@ def eval_batch_size(device):
 
 # Under autocast, dataset_log_likelihoods scores again in float32 the images whose two best classes
 # are closer than this, in nats: bf16 rounding moves the gap between two classes' log-likelihoods
-# by up to 17 nats on the shipped model's validation images (`python bench.py --only
+# by up to 16.6 nats on the shipped model's validation images (`python bench.py --only
 # classification` prints the largest move), and a smaller gap could flip the prediction.
 AMP_RECHECK_NATS = 20.0
 
