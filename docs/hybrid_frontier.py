@@ -5,7 +5,9 @@ prints each run's row of the table in docs/experiments.md (images/s over its tra
 epochs, kept accuracy and its epoch, bits/dim there and at the end):
 
     python docs/hybrid_frontier.py results/cpu_preset_1core_log.jsonl results/cpu_plain_ml_1core_log.jsonl \
-        results/ablation/*_log.jsonl --out docs/img/hybrid_frontier.png
+        results/ablation/*_log.jsonl --out docs/img/hybrid_frontier.png     # one core each
+    python docs/hybrid_frontier.py results/cpu_{preset,plain_ml,preset_lr_2e-3}_log.jsonl \
+        results/cpu_preset_{nr_logistic_mix_10,seed_2}_log.jsonl --out docs/img/alone_2core_runs.png
 """
 
 import argparse
@@ -42,16 +44,22 @@ def table_row(log_path, name):
 
 def main(args):
     fig, ax = plt.subplots(figsize=(7, 5))
+    placed = []                                           # (bits/dim, accuracy) of each point
     for path in args.logs:
         record = kept_checkpoint(path)
         name = Path(path).name.removesuffix("_log.jsonl")
-        ax.scatter(record["val_bpd"], 100 * record["val_acc"], color="C0")
-        ax.annotate(name, (record["val_bpd"], 100 * record["val_acc"]), fontsize=8,
-                    xytext=(4, 3), textcoords="offset points")
+        point = (record["val_bpd"], 100 * record["val_acc"])
+        ax.scatter(*point, color="C0")
+        # a label goes below its point when an earlier point sits close by at the same height or
+        # above, where this label would run into that one
+        crowded = any(abs(point[0] - b) < 0.05 and 0 <= a - point[1] < 1.0 for b, a in placed)
+        ax.annotate(name, point, fontsize=8, xytext=(4, -10 if crowded else 3),
+                    textcoords="offset points")
+        placed.append(point)
         print(table_row(path, name))
     ax.set_xlabel("validation bits/dim of the kept checkpoint (lower is better)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("30-minute CPU runs, one core each")
+    ax.set_title("30-minute CPU runs")
     ax.grid(alpha=0.3)
     ax.margins(x=0.2, y=0.1)          # room for the labels
     fig.tight_layout()
