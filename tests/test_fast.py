@@ -52,6 +52,32 @@ def test_layer_window_equals_full_output(layer):
                                    layer(concat_elu(half))[:, :, 1:2, 2:3], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("make", [DownShiftedDeconv2d, DownRightShiftedDeconv2d,
+                                  lambda c_in, c_out: DownShiftedDeconv2d(c_in, c_out, (2, 5))],
+                         ids=["down", "down_right", "down_width_5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deconv_matrix_product_equals_the_transposed_convolution(make, dtype):
+    """The deconvolutions' forward (one matrix product per pixel, then a rearrangement of the
+    filter taps) equals the cropped transposed convolution, in value and in the gradients with
+    respect to the input and the weights; under bf16 autocast within bf16 rounding."""
+    torch.manual_seed(0)
+    layer = make(6, 5)
+    with torch.no_grad():
+        layer.deconv.bias.normal_()                      # a zero bias would hide a miscounted one
+    x = torch.randn(2, 6, 5, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        fast, reference = layer(x), layer.reference_forward(x)
+    assert fast.shape == reference.shape == (2, 5, 10, 14)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(fast.float(), reference.float(), **tol)
+    params = [x, *layer.parameters()]
+    weights = torch.randn_like(fast, dtype=torch.float32)
+    for g_fast, g_ref in zip(torch.autograd.grad((fast * weights).sum(), params),
+                             torch.autograd.grad((reference * weights).sum(), params)):
+        torch.testing.assert_close(g_fast.float(), g_ref.float(), atol=tol["atol"] * 10,
+                                   rtol=tol["rtol"])
+
+
 @pytest.mark.parametrize("layer", LAYERS[:4], ids=lambda layer: f"{type(layer).__name__}{layer.filter_size}")
 def test_concat_elu_fused_with_padding_equals_the_two_steps(layer):
     """forward(x, concat_elu_first=True) builds concat_elu(x) inside the padded buffer: the same
