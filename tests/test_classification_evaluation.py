@@ -293,8 +293,9 @@ def test_amp_rounds_the_log_likelihoods(checkpoint, model, tmp_path):
 
 
 def test_amp_recheck_scores_the_close_calls_in_float32():
-    """Under autocast, exactly the images whose two best classes lie less than `recheck` nats
-    apart in bf16 get their float32 scores; the others keep their bf16 scores."""
+    """Under autocast, in the images where a second class lies less than `recheck` nats below the
+    best in bf16, exactly the classes within `recheck` of the best get their float32 scores; every
+    other score keeps its bf16 value."""
     model = tiny_model()
     torch.manual_seed(1)
     x = torch.rand(12, 3, 8, 8) * 2 - 1
@@ -302,16 +303,26 @@ def test_amp_recheck_scores_the_close_calls_in_float32():
     fp32 = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4)               # (12, 4)
     rounded = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, autocast=bf16,
                                       recheck=0)
-    best_two = rounded.topk(2, dim=1).values
-    gap = best_two[:, 0] - best_two[:, 1]                                             # (12,)
-    recheck = gap.median().item()
-    close = gap < recheck
-    assert 0 < close.sum() < len(x)                     # both kinds of rows are in the test
+    below_best = rounded.max(dim=1, keepdim=True).values - rounded                    # (12, 4)
+    second = below_best.sort(dim=1).values[:, 1]                                      # (12,)
+    recheck = second.median().item()
+    close = torch.zeros_like(rounded, dtype=torch.bool)
+    for i in range(len(x)):
+        near = [c for c in range(NUM_CLASSES) if below_best[i, c] < recheck]
+        if len(near) > 1:
+            close[i, near] = True
+    assert 0 < close.any(dim=1).sum() < len(x)          # images with and without a close call
+    assert (close.sum(dim=1) < NUM_CLASSES).any() and close.any()   # not every class of them
     assert not torch.equal(rounded, fp32)               # autocast really rounded
     mixed = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, autocast=bf16,
                                     recheck=recheck)
     torch.testing.assert_close(mixed[close], fp32[close], rtol=0, atol=LL_ATOL)
     assert torch.equal(mixed[~close], rounded[~close])
+    # with flips too, the rechecked classes get the float32 sum of both passes
+    flip_fp32 = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, tta="flip")
+    flip_mixed = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, tta="flip",
+                                         autocast=bf16, recheck=1e9)
+    torch.testing.assert_close(flip_mixed, flip_fp32, rtol=0, atol=2 * LL_ATOL)
     # without autocast there is nothing to recheck: float32 throughout
     torch.testing.assert_close(dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4,
                                                        recheck=1e9), fp32, rtol=0, atol=0)
