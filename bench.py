@@ -19,7 +19,7 @@ Each line prints the straightforward time, the fast time and their ratio, plus p
    in --data_dir. Then it prints the largest move bf16 makes in the gap between two classes'
    log-likelihoods, and counts the predictions of each that differ from the course pattern's,
    with --checkpoint (the shipped model, models/conditional_pixelcnn.pth, by default) when it is
-   there.
+   there. The paths run in turn, --rounds times, and each one's fastest round counts.
 3. Training step at 40 filters, 1 resnet, 5 mixtures, batch 32: float32 eager against bf16
    autocast (the loss in float32), eager and under torch.compile.
 Speed does not depend on the weights, so the other models are random.
@@ -60,6 +60,18 @@ def timed(fn, device, repeat=1, warmup=True):
     return (time.perf_counter() - start) / repeat
 
 
+def interleaved(paths, device, rounds):
+    """Seconds of each of `paths` (name -> fn), the fastest of `rounds` rounds in which every path
+    runs once, in turn. The first round is the warm-up. On a shared machine a slow spell then
+    slows one call of every path alike rather than all calls of one path, and the fastest call is
+    the one least disturbed."""
+    seconds = {name: float("inf") for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            seconds[name] = min(seconds[name], timed(fn, device, warmup=False))
+    return seconds
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -91,9 +103,9 @@ def bench_sampling(device, slow_pixels, rows):
 
 
 @torch.inference_mode()
-def bench_classification(device, val, model, model_name):
+def bench_classification(device, val, model, model_name, rounds):
     """val: the validation split; model: the classifier whose predictions bf16 may change, named
-    model_name in the output."""
+    model_name in the output; rounds: see `interleaved`."""
 
     scores = {}
 
@@ -113,17 +125,21 @@ def bench_classification(device, val, model, model_name):
         scores[precision] = dataset_log_likelihoods(model, val.images, val.num_classes,
                                                     device=device, autocast=autocast, **kwargs)
 
-    slow = timed(course_pattern, device)
-    fast = timed(lambda: batched("fp32", bf16_autocast(device, False)), device)
-    size = "/".join(str(model.config[k]) for k in ("nr_filters", "nr_resnet", "nr_logistic_mix"))
-    report(f"classify {len(val.images)} validation images, {size}", slow, fast, device)
+    paths = {"course": course_pattern,
+             "fp32": lambda: batched("fp32", bf16_autocast(device, False))}
     if bf16_pays(device):
-        fast_bf16 = timed(lambda: batched("bf16", bf16_autocast(device)), device)
+        paths["bf16"] = lambda: batched("bf16", bf16_autocast(device))
+        paths["bf16 without recheck"] = lambda: batched("bf16 without recheck",
+                                                        bf16_autocast(device), recheck=0)
+    seconds = interleaved(paths, device, rounds)
+    slow = seconds["course"]
+    size = "/".join(str(model.config[k]) for k in ("nr_filters", "nr_resnet", "nr_logistic_mix"))
+    report(f"classify {len(val.images)} validation images, {size}", slow, seconds["fp32"], device)
+    if bf16_pays(device):
         report(f"  the same under bf16 autocast ({AMP_RECHECK_NATS:g}-nat recheck)", slow,
-               fast_bf16, device)
-        raw_bf16 = timed(lambda: batched("bf16 without recheck", bf16_autocast(device),
-                                         recheck=0), device)
-        report("  the same, bf16 without the float32 recheck", slow, raw_bf16, device)
+               seconds["bf16"], device)
+        report("  the same, bf16 without the float32 recheck", slow,
+               seconds["bf16 without recheck"], device)
         move = scores["bf16 without recheck"] - scores["fp32"]                     # (N, classes)
         gap_move = (move[:, :, None] - move[:, None, :]).abs().max().item()
         print(f"  bf16 moves the gap between two classes' log p(x|c) by up to {gap_move:.1f} nats",
@@ -184,7 +200,8 @@ def main(args):
     if "sampling" in sections:
         bench_sampling(device, args.slow_pixels, args.rows)
     if "classification" in sections:
-        bench_classification(device, val, model, args.checkpoint if trained else "random weights")
+        bench_classification(device, val, model, args.checkpoint if trained else "random weights",
+                             args.rounds)
     if "training" in sections:
         bench_training(device, args.train_steps)
 
@@ -205,4 +222,10 @@ if __name__ == "__main__":
     p.add_argument("--rows", type=int, default=4,
                    help="rows sampled by the fast sampler for its estimate (a multiple of 4)")
     p.add_argument("--train_steps", type=int, default=5, help="timed training steps per mode")
-    main(p.parse_args())
+    p.add_argument("--rounds", type=int, default=3,
+                   help="classification: rounds of every path in turn; each path's fastest "
+                        "round counts (the first is the warm-up)")
+    args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds needs at least 1, got {args.rounds}")
+    main(args)
