@@ -40,6 +40,7 @@ FUSION_MODES = {
     "none": (),                             # unconditional: labels are ignored
     "early": ("early",),                    # added to both streams after the first convolutions
     "gated": ("gated",),                    # a bias on every gated block's gate pre-activation
+    "gated_last": ("gated_last",),          # the same on the last stage's blocks only (below)
     "film": ("film",),                      # scale and shift of every gated block's hidden features
     "late": ("late",),                      # added before the output layer
     "joint": ("early", "gated", "late"),
@@ -91,16 +92,22 @@ class PixelCNN(nn.Module):
         self.embedding = nn.Embedding(num_classes, embed_dim) if places else None
         self.early_proj = nn.Linear(embed_dim, 2 * nr_filters) if "early" in places else None
         self.late_proj = nn.Linear(embed_dim, nr_filters) if "late" in places else None
-        block_fusion = next((p for p in places if p in ("gated", "film")), None)
-        cond_dim = embed_dim if block_fusion else None
+        # "gated_last" conditions only the down pass's last stage, at full resolution: when every
+        # class is scored, all the layers before it run once per image (see `forward`).
+        block_fusion = next((p for p in places if p in ("gated", "film", "gated_last")), None)
+        last_only = block_fusion == "gated_last"
 
-        def u_block(skip):
-            return GatedResNet(nr_filters, DownShiftedConv2d, skip * nr_filters, dropout,
-                               cond_dim, block_fusion or "gated")
+        def block(conv, skip, last_stage=False):
+            conditioned = block_fusion is not None and (last_stage or not last_only)
+            return GatedResNet(nr_filters, conv, skip * nr_filters, dropout,
+                               embed_dim if conditioned else None,
+                               "gated" if last_only else block_fusion or "gated")
 
-        def ul_block(skip):
-            return GatedResNet(nr_filters, DownRightShiftedConv2d, skip * nr_filters, dropout,
-                               cond_dim, block_fusion or "gated")
+        def u_block(skip, last_stage=False):
+            return block(DownShiftedConv2d, skip, last_stage)
+
+        def ul_block(skip, last_stage=False):
+            return block(DownRightShiftedConv2d, skip, last_stage)
 
         # +1 input channel of ones, so the network can tell zero padding from black pixels.
         c_in = input_channels + 1
@@ -121,9 +128,11 @@ class PixelCNN(nn.Module):
         # the two downsampling layers as skip inputs: 3 * nr_resnet + 2 skips in all.
         down_nr = [nr_resnet, nr_resnet + 1, nr_resnet + 1]
         self.down_u = nn.ModuleList(
-            [nn.ModuleList([u_block(1) for _ in range(n)]) for n in down_nr])
+            [nn.ModuleList([u_block(1, stage == 2) for _ in range(n)])
+             for stage, n in enumerate(down_nr)])
         self.down_ul = nn.ModuleList(
-            [nn.ModuleList([ul_block(2) for _ in range(n)]) for n in down_nr])
+            [nn.ModuleList([ul_block(2, stage == 2) for _ in range(n)])
+             for stage, n in enumerate(down_nr)])
         self.upsize_u = nn.ModuleList(
             [DownShiftedDeconv2d(nr_filters, nr_filters) for _ in range(2)])
         self.upsize_ul = nn.ModuleList(
@@ -144,9 +153,15 @@ class PixelCNN(nn.Module):
         With n = B, image i goes with labels[i]. With n = K * B, the output holds K * B
         image-label pairs in class-major order, pair k * B + i being image i under
         labels[k * B + i] (as `utils.class_log_likelihoods` lays out every class): it equals
-        forward(x.repeat(K, 1, 1, 1), labels), but the layers before the label first enters (with
-        gated fusion, the first convolutions and the first u-stream block) run once per image.
+        forward(x.repeat(K, 1, 1, 1), labels), but the layers before the label first enters run
+        once per image (with gated fusion, the first convolutions and the first u-stream block;
+        with gated_last, everything before the last stage of the down pass).
+
+        x and labels may also be lists of such tensors, one group each: then the list of the
+        groups' outputs, in one call (a DistributedDataParallel wrapper expects one per step).
         """
+        if isinstance(x, (list, tuple)):
+            return [self.forward(group, group_labels) for group, group_labels in zip(x, labels)]
         if x.shape[0] == 0 or labels.shape[0] % x.shape[0]:
             raise ValueError(f"labels ({labels.shape[0]}) must be a multiple of the images "
                              f"({x.shape[0]}): one label per image, or K per image class-major")

@@ -116,30 +116,37 @@ def training_pass(model, x, y, num_classes, m, label_only_model=None):
 
     Returns nll (b,): -log p(x | y) in nats of every image under its own label, and logits
     (m, num_classes): log p(x | c) of the first m images under every class, for the hybrid term
-    (None when m is 0). The true-label column of the logits reuses the nll pass, so the hybrid
-    term costs m * (num_classes - 1) extra image passes, not m * num_classes.
+    (None when m is 0). The true-label column of the logits is also those images' nll, so the
+    hybrid term costs m * (num_classes - 1) extra image-label pairs, not m * num_classes, and
+    less where the label enters late (PixelCNN.forward shares the layers before it).
 
     label_only_model: the bare PixelCNN behind `model`. When given, the passes under the other
     labels see every parameter but the label's (PixelCNN.label_parameter_names) detached, so the
     cross-entropy pushes those likelihoods down through the label pathway alone; the pass under
-    the true label trains everything. Otherwise all passes share one batch.
+    the true label trains everything. Otherwise one call computes every pair.
     """
-    b = x.shape[0]
     if m == 0:
         return discretized_mix_logistic_loss(x, model(x, y), reduction="none"), None
+    if label_only_model is None:
+        # The first m images under every class, class-major (the layers before the label enters
+        # run once per image), and the rest under their own label, in one call.
+        every_class = torch.arange(num_classes, device=y.device).repeat_interleave(m)   # (C*m,)
+        groups = ([x[:m], x[m:]], [every_class, y[m:]]) if m < x.shape[0] else ([x], [every_class])
+        outs = model(*groups)
+        ll = -discretized_mix_logistic_loss(x[:m].repeat(num_classes, 1, 1, 1), outs[0],
+                                            reduction="none").view(num_classes, m).t()   # (m, C)
+        nll = torch.cat([-ll.gather(1, y[:m, None]).squeeze(1),
+                         *(discretized_mix_logistic_loss(x[m:], out, reduction="none")
+                           for out in outs[1:])])                                          # (b,)
+        return nll, ll
     others = (y[:m, None] + torch.arange(1, num_classes, device=y.device)) % num_classes  # (m, C-1)
     x_other = x[:m].repeat_interleave(num_classes - 1, dim=0)              # (m(C-1), C, H, W)
-    if label_only_model is None:
-        xs, ys = torch.cat([x, x_other]), torch.cat([y, others.reshape(-1)])  # (b + m(C-1), ...)
-        nll_all = discretized_mix_logistic_loss(xs, model(xs, ys), reduction="none")
-        nll, nll_other = nll_all[:b], nll_all[b:]                          # (b,), (m(C-1),)
-    else:
-        nll = discretized_mix_logistic_loss(x, model(x, y), reduction="none")          # (b,)
-        keep = set(label_only_model.label_parameter_names())
-        params = {name: p if name in keep else p.detach()
-                  for name, p in label_only_model.named_parameters()}
-        out = torch.func.functional_call(label_only_model, params, (x_other, others.reshape(-1)))
-        nll_other = discretized_mix_logistic_loss(x_other, out, reduction="none")  # (m(C-1),)
+    nll = discretized_mix_logistic_loss(x, model(x, y), reduction="none")              # (b,)
+    keep = set(label_only_model.label_parameter_names())
+    params = {name: p if name in keep else p.detach()
+              for name, p in label_only_model.named_parameters()}
+    out = torch.func.functional_call(label_only_model, params, (x_other, others.reshape(-1)))
+    nll_other = discretized_mix_logistic_loss(x_other, out, reduction="none")      # (m(C-1),)
     ll = -torch.cat([nll[:m, None], nll_other.view(m, num_classes - 1)], dim=1)   # (m, C)
     columns = torch.cat([y[:m, None], others], dim=1)                      # class of each column
     logits = torch.zeros_like(ll).scatter(1, columns, ll)                  # (m, C) in class order
