@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+from layers import NIN, GatedResNet, _ShiftedConv2d, _ShiftedDeconv2d
 from model import FUSION_MODES, PixelCNN
 from utils import (bits_per_dim, class_log_likelihoods, discretized_mix_logistic_loss, quantize,
                    sample, sample_from_discretized_mix_logistic)
@@ -381,6 +382,41 @@ def test_every_class_at_once_equals_repeated_images(fusion):
     for g_shared, g_repeated in zip(*grads):
         if g_repeated is not None:
             torch.testing.assert_close(g_shared, g_repeated, rtol=1e-4, atol=1e-4)
+
+
+def test_gated_last_runs_every_layer_before_the_last_stage_once_per_image():
+    """With fusion gated_last, only the blocks of the down pass's last stage (and the output
+    layer) see the K image-label pairs of each image; every layer before them sees each image
+    once, and only those blocks take the label."""
+    model = tiny_model(fusion="gated_last", num_classes=3)
+    x = grid_images(2, 3, 8, 8)
+    rows = {}                                   # layer name -> rows of its output
+    layers = {name: module for name, module in model.named_modules()
+              if name.count(".") <= 2 and isinstance(module, (GatedResNet, NIN, _ShiftedConv2d,
+                                                              _ShiftedDeconv2d))}
+    hooks = [module.register_forward_hook(
+        lambda m, inp, out, name=name: rows.update({name: out.shape[0]}))
+        for name, module in layers.items()]
+    model(x, torch.arange(3).repeat_interleave(2))
+    for hook in hooks:
+        hook.remove()
+    last_stage = {f"{s}.2.{i}" for s in ("down_u", "down_ul") for i in range(len(model.down_u[2]))}
+    assert rows.keys() == layers.keys() and len(rows) == 3 + 6 + 4 + 10 + 4 + 1
+    assert {name for name, n in rows.items() if n == 6} == last_stage | {"nin_out"}
+    assert all(n == 2 for name, n in rows.items() if name not in last_stage | {"nin_out"})
+    conditioned = {name.removesuffix(".cond_proj") for name, _ in model.named_modules()
+                   if name.endswith("cond_proj")}
+    assert conditioned == last_stage
+
+
+def test_groups_in_one_call_equal_separate_calls():
+    """forward takes lists of (images, labels) groups and returns each group's output."""
+    model = tiny_model(num_classes=3)
+    x = grid_images(3, 3, 8, 8)
+    every_class = torch.arange(3).repeat_interleave(2)
+    outs = model([x[:2], x[2:]], [every_class, torch.tensor([1])])
+    torch.testing.assert_close(outs[0], model(x[:2], every_class), rtol=0, atol=0)
+    torch.testing.assert_close(outs[1], model(x[2:], torch.tensor([1])), rtol=0, atol=0)
 
 
 def test_labels_not_a_multiple_of_the_images_is_an_error():
