@@ -97,11 +97,11 @@ class PixelCNN(nn.Module):
         block_fusion = next((p for p in places if p in ("gated", "film", "gated_last")), None)
         last_only = block_fusion == "gated_last"
 
-        def block(conv, skip, last_stage=False):
+        def block(conv, skip, last_stage):
             conditioned = block_fusion is not None and (last_stage or not last_only)
             return GatedResNet(nr_filters, conv, skip * nr_filters, dropout,
                                embed_dim if conditioned else None,
-                               "gated" if last_only else block_fusion or "gated")
+                               "film" if block_fusion == "film" else "gated")
 
         def u_block(skip, last_stage=False):
             return block(DownShiftedConv2d, skip, last_stage)

@@ -43,8 +43,8 @@ from utils import bf16_autocast, bf16_pays, bits_per_dim, dataset_log_likelihood
 
 # Presets set defaults; any flag given on the command line still wins.
 PRESETS = {
-    "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, batch_size=32, lr=1e-3,
-                warmup_steps=100, lr_decay=0.9998, ema=0.999, dropout=0.1, flip=True, amp=True,
+    "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, fusion="gated_last", batch_size=32,
+                lr=1e-3, warmup_steps=100, lr_decay=0.9998, ema=0.999, dropout=0.1, flip=True, amp=True,
                 disc_weight=1e-3, disc_fraction=0.25, max_minutes=30.0, max_epochs=1000,
                 sampling_interval=0),
     "gpu": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10, batch_size=64, lr=1e-3,
