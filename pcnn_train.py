@@ -44,8 +44,8 @@ from utils import bf16_autocast, bf16_pays, bits_per_dim, dataset_log_likelihood
 # Presets set defaults; any flag given on the command line still wins.
 PRESETS = {
     "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, fusion="gated_last", batch_size=32,
-                lr=1e-3, warmup_steps=100, lr_decay=0.9998, ema=0.999, dropout=0.1, flip=True, amp=True,
-                disc_weight=1e-3, disc_fraction=0.25, max_minutes=30.0, max_epochs=1000,
+                lr=1e-3, warmup_steps=100, lr_decay=0.9998, ema=0.999, dropout=0.1, flip=True,
+                amp=True, disc_weight=1e-3, disc_fraction=0.25, max_minutes=30.0, max_epochs=1000,
                 sampling_interval=0),
     "gpu": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10, batch_size=64, lr=1e-3,
                 warmup_steps=200, lr_decay=0.99995, ema=0.999, dropout=0.5, flip=True, amp=True,
@@ -279,8 +279,6 @@ def setup(args):
     if args.batch_size % world_size:
         sys.exit(f"error: --batch_size {args.batch_size} is the global batch and must be "
                  f"divisible by the {world_size} processes")
-    if not 0 <= args.disc_minutes < math.inf:
-        sys.exit(f"error: --disc_minutes needs a number of minutes >= 0, got {args.disc_minutes}")
     if ddp and args.disc_weight > 0 and args.disc_params == "label":
         sys.exit("error: --disc_params label runs its wrong-label passes outside DDP; it is "
                  "one-process only (use --disc_params all under torchrun)")
@@ -415,15 +413,14 @@ def next_batch(run, perm, i):
     return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
 
 
-def train_step(run, x, y, progress, hybrid=True):
+def train_step(run, x, y, progress):
     """One optimizer step on the batch (x, y): forward, loss, backward, clip, step, EMA.
-    hybrid=False leaves the hybrid term out (see --disc_minutes).
 
     Returns the global batch's (mean nll, objective, summed nll), the same on every process.
     A non-finite objective exits naming the step."""
     args = run.args
     with run.autocast():
-        m = max(1, int(args.disc_fraction * x.shape[0])) if args.disc_weight > 0 and hybrid else 0
+        m = max(1, int(args.disc_fraction * x.shape[0])) if args.disc_weight > 0 else 0
         nll, logits = training_pass(run.fwd_model, x, y, run.train.num_classes, m,  # (b,), (m, C)
                                     run.model if args.disc_params == "label" else None)
         # The mean over the local batch: DDP averages the gradients over the processes.
@@ -484,9 +481,7 @@ def train_epoch(run, progress, start_time):
         for i in bar:
             step_start = time.time()
             x, y = next_batch(run, progress.perm, i)
-            hybrid = not args.disc_minutes or rank0_decides(
-                run, time.time() - start_time < 60 * args.disc_minutes)
-            mean_nll, loss_value, sum_nll = train_step(run, x, y, progress, hybrid)
+            mean_nll, loss_value, sum_nll = train_step(run, x, y, progress)
             progress.step, progress.batch_index = progress.step + 1, i + 1
 
             batch_bpd = bits_per_dim(mean_nll, run.num_dims)
@@ -623,9 +618,6 @@ def build_parser():
     p.add_argument("--disc_fraction", type=float, default=0.25,
                    help="fraction of each batch the hybrid term is computed on (each of those "
                         "images costs one more pass per other class)")
-    p.add_argument("--disc_minutes", type=float, default=0.0,
-                   help="the hybrid term acts in the first this many minutes of the run's time "
-                        "(over all its resumes) only, plain likelihood after (0: throughout)")
     # length of the run
     p.add_argument("-x", "--max_epochs", type=int, default=5000, help="epochs to train")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: off)")

@@ -359,22 +359,6 @@ def test_amp_autocasts_on_a_bf16_cpu(tmp_path):
         assert "in float32" in proc.stdout and first_amp == first
 
 
-def test_disc_minutes_turns_the_hybrid_term_off_after_that_time(tmp_path):
-    """--disc_minutes: the hybrid term acts only while the run's clock is below it. Past it, a
-    run trains exactly as plain likelihood does; before it, the objective holds the term."""
-    runs = {name: tmp_path / name for name in ("plain", "off", "on")}
-    for name, extra in (("plain", ["--disc_weight", "0"]),
-                        ("off", ["--disc_weight", "1e-2", "--disc_minutes", "1e-9"]),
-                        ("on", ["--disc_weight", "1e-2", "--disc_minutes", "60"])):
-        proc = train(runs[name], "--max_steps", "3", *extra)
-        assert proc.returncode == 0, proc.stderr
-    plain, off, on = (step_losses(runs[name]) for name in ("plain", "off", "on"))
-    assert off == plain
-    assert all(on[step] != plain[step] for step in plain)
-    proc = train(tmp_path / "bad", "--disc_minutes", "-1")
-    assert proc.returncode == 1 and "error: --disc_minutes needs" in proc.stderr
-
-
 def test_label_only_hybrid_trains_the_trunk_on_the_true_label_only():
     """--disc_params label: the label's parameters get the full hybrid gradient; every other
     parameter gets the gradient of a loss whose wrong-label log-likelihoods are constants."""
