@@ -131,13 +131,15 @@ def training_pass(model, x, y, num_classes, m, label_only_model=None):
         # The first m images under every class, class-major (the layers before the label enters
         # run once per image), and the rest under their own label, in one call.
         every_class = torch.arange(num_classes, device=y.device).repeat_interleave(m)   # (C*m,)
-        groups = ([x[:m], x[m:]], [every_class, y[m:]]) if m < x.shape[0] else ([x], [every_class])
-        outs = model(*groups)
+        groups, labels = [x[:m]], [every_class]
+        if m < x.shape[0]:
+            groups, labels = groups + [x[m:]], labels + [y[m:]]
+        outs = model(groups, labels)
         ll = -discretized_mix_logistic_loss(x[:m].repeat(num_classes, 1, 1, 1), outs[0],
                                             reduction="none").view(num_classes, m).t()   # (m, C)
-        nll = torch.cat([-ll.gather(1, y[:m, None]).squeeze(1),
-                         *(discretized_mix_logistic_loss(x[m:], out, reduction="none")
-                           for out in outs[1:])])                                          # (b,)
+        nll = -ll.gather(1, y[:m, None]).squeeze(1)                                       # (m,)
+        if len(outs) > 1:
+            nll = torch.cat([nll, discretized_mix_logistic_loss(x[m:], outs[1], reduction="none")])
         return nll, ll
     others = (y[:m, None] + torch.arange(1, num_classes, device=y.device)) % num_classes  # (m, C-1)
     x_other = x[:m].repeat_interleave(num_classes - 1, dim=0)              # (m(C-1), C, H, W)

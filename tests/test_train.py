@@ -338,6 +338,9 @@ def test_training_pass_matches_a_pass_per_class():
     ref_grads = torch.autograd.grad(ref_nll.mean() + 0.1 * F.cross_entropy(ref_logits, y[:4]), params)
     for g, r in zip(grads, ref_grads):   # the loss computes in float32, hence float32 tolerances
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    nll_all, logits_all = pcnn_train.training_pass(model, x, y, 4, 6)   # every image hybrid
+    torch.testing.assert_close(nll_all, ref_nll)
+    torch.testing.assert_close(logits_all, class_log_likelihoods(model, x, 4))
     nll_only, none = pcnn_train.training_pass(model, x, y, 4, 0)
     assert none is None
     torch.testing.assert_close(nll_only, ref_nll)
