@@ -19,7 +19,9 @@ Each line prints the straightforward time, the fast time and their ratio, plus p
    in --data_dir. Then it prints the largest move bf16 makes in the gap between two classes'
    log-likelihoods, and counts the predictions of each that differ from the course pattern's,
    with --checkpoint (the shipped model, models/conditional_pixelcnn.pth, by default) when it is
-   there. The paths run in turn, --rounds times, and each one's fastest round counts.
+   there. The paths run in turn, --rounds times, and each one's fastest round counts. Then the
+   GFLOP of one pass, and one upsampling layer's transposed convolution against its
+   matrix-product forward.
 3. Training step at 40 filters, 1 resnet, 5 mixtures, batch 32: float32 eager against bf16
    autocast (the loss in float32), eager and under torch.compile.
 Speed does not depend on the weights, so the other models are random.
@@ -32,11 +34,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import DatasetError, load_dataset
 from model import DEFAULT_CHECKPOINT, PixelCNN, load_model
-from utils import (AMP_RECHECK_NATS, bf16_autocast, bf16_pays, dataset_log_likelihoods,
-                   discretized_mix_logistic_loss, pick_device, sample_fast)
+from utils import (AMP_RECHECK_NATS, bf16_autocast, bf16_pays, class_log_likelihoods,
+                   dataset_log_likelihoods, discretized_mix_logistic_loss, pick_device,
+                   sample_fast)
 
 NO_BF16 = "this CPU has no bf16 instructions, and PyTorch's emulation is slower than float32"
 SIZES = {"40/1/5": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5),
@@ -146,11 +150,37 @@ def bench_classification(device, val, model, model_name, rounds):
               flush=True)
     else:
         print(f"  bf16 autocast skipped: {NO_BF16}", flush=True)
+    bench_pass_work(device, model, val.images, val.num_classes)
     course = scores["course"].argmax(1)                                          # (N,)
     for precision in sorted(scores.keys() - {"course"}):
         changed = (scores[precision].argmax(1) != course).sum().item()
         print(f"  {precision} changes {changed} of {len(val.images)} predictions of the course "
               f"pattern ({model_name})", flush=True)
+
+
+@torch.inference_mode()
+def bench_pass_work(device, model, images, num_classes):
+    """What one classification pass costs: its GFLOP (8 images under every class; the layers
+    before the label enters run once per image), and the time of one upsampling layer as the
+    transposed convolution (`reference_forward`) against its matrix-product forward."""
+    x = images[:8].to(device)
+    # FlopCounterMode fails on weight-normalised layers under inference mode (the parametrized
+    # weight cannot be computed there); no_grad is enough for counting.
+    with torch.inference_mode(False), torch.no_grad(), FlopCounterMode(display=False) as flops:
+        class_log_likelihoods(model, x, num_classes)
+    print(f"  one pass of 8 images x {num_classes} classes: {flops.get_total_flops() / 1e9:.1f} "
+          f"GFLOP ({model.config['fusion']} fusion)", flush=True)
+    deconv = model.upsize_u[0]
+    h = torch.randn(8 * num_classes, model.config["nr_filters"], 16, 16, device=device)
+    precisions = {"fp32": bf16_autocast(device, False)}
+    if bf16_pays(device):
+        precisions["bf16"] = bf16_autocast(device)
+    for precision, autocast in precisions.items():
+        with autocast():
+            slow = timed(lambda: deconv.reference_forward(h), device, repeat=20)
+            fast = timed(lambda: deconv(h), device, repeat=20)
+        report(f"  deconvolution {tuple(h.shape)}, {precision}", slow * 1e3, fast * 1e3, device,
+               unit="ms")
 
 
 def bench_training(device, steps):

@@ -167,8 +167,8 @@ class _ShiftedDeconv2d(nn.Module):
         matrix product per pixel and a rearrangement. Because the filter height equals the stride,
         each input row feeds two output rows of its own; along a row, stride 2 puts each output
         column's inputs in one parity of the filter's columns. On a CPU, PyTorch's transposed
-        convolution (a matrix product, then scattered adds) is 2x to 10x slower than this at the
-        model's sizes, most under bf16."""
+        convolution (a matrix product, then scattered adds) is slower than this at the model's
+        sizes, most under bf16 (`python bench.py --only classification` times both)."""
         B, _, H, W = x.shape
         weight = self.deconv.weight                          # (C_in, C_out, 2, fw)
         c_out, fh, fw = weight.shape[1:]
