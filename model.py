@@ -147,7 +147,7 @@ class PixelCNN(nn.Module):
         return [name for name, _ in self.named_parameters()
                 if name == "embedding.weight" or name.endswith("proj.weight")]
 
-    def forward(self, x, labels, detach=None):
+    def forward(self, x, labels):
         """x: (B, C, H, W) in [-1, 1]; labels: int64 (n,). Returns (n, mixture channels, H, W).
 
         With n = B, image i goes with labels[i]. With n = K * B, the output holds K * B
@@ -157,19 +157,11 @@ class PixelCNN(nn.Module):
         once per image (with gated fusion, the first convolutions and the first u-stream block;
         with gated_last, everything before the last stage of the down pass).
 
-        detach: with gated_last, None or a bool tensor (n,): the pairs it marks pass no gradient
-        to the layers before the last stage (their outputs still train the last stage, the
-        embedding and the output layer). Their values are unchanged.
-
-        x, labels and detach may also be lists, one entry per group: then the list of the groups'
-        outputs, in one call (a DistributedDataParallel wrapper expects one per step).
+        x and labels may also be lists of such tensors, one group each: then the list of the
+        groups' outputs, in one call (a DistributedDataParallel wrapper expects one per step).
         """
         if isinstance(x, (list, tuple)):
-            detach = [None] * len(x) if detach is None else detach
-            return [self.forward(*group) for group in zip(x, labels, detach)]
-        if detach is not None and self.config["fusion"] != "gated_last":
-            raise ValueError(f"detach needs fusion gated_last, not {self.config['fusion']!r}: "
-                             f"only there does the class enter after a trunk shared by all pairs")
+            return [self.forward(group, group_labels) for group, group_labels in zip(x, labels)]
         if x.shape[0] == 0 or labels.shape[0] % x.shape[0]:
             raise ValueError(f"labels ({labels.shape[0]}) must be a multiple of the images "
                              f"({x.shape[0]}): one label per image, or K per image class-major")
@@ -197,10 +189,6 @@ class PixelCNN(nn.Module):
 
         u, ul = u_skips.pop(), ul_skips.pop()
         for stage in range(3):
-            if stage == 2 and detach is not None:   # the trunk's outputs, per pair
-                u, ul = _detach_pairs(u, detach), _detach_pairs(ul, detach)
-                u_skips = [_detach_pairs(t, detach) for t in u_skips]
-                ul_skips = [_detach_pairs(t, detach) for t in ul_skips]
             for u_blk, ul_blk in zip(self.down_u[stage], self.down_ul[stage]):
                 u = u_blk(u, a=u_skips.pop(), cond=cond)
                 ul_skip = ul_skips.pop()
@@ -368,12 +356,6 @@ class LayerCache:
         """The `store` a GatedResNet uses for its hidden features."""
         return lambda values, region, height, width: self.store((block, "hidden"), values, region,
                                                                 height, width)
-
-
-def _detach_pairs(t, detach):
-    """t (B, ...) as n = len(detach) class-major pairs (n, ...), detached where detach is True."""
-    t = expand_pairs(t, detach.shape[0])
-    return torch.where(detach.view(-1, *(1,) * (t.dim() - 1)), t.detach(), t)
 
 
 def _window(full, region):

@@ -111,7 +111,7 @@ def lr_factor(step, warmup_steps, lr_decay):
     return warm * lr_decay ** step
 
 
-def training_pass(model, x, y, num_classes, m, label_only_model=None, last_stage_only=False):
+def training_pass(model, x, y, num_classes, m, label_only_model=None):
     """The network outputs the training loss needs.
 
     Returns nll (b,): -log p(x | y) in nats of every image under its own label, and logits
@@ -123,9 +123,7 @@ def training_pass(model, x, y, num_classes, m, label_only_model=None, last_stage
     label_only_model: the bare PixelCNN behind `model`. When given, the passes under the other
     labels see every parameter but the label's (PixelCNN.label_parameter_names) detached, so the
     cross-entropy pushes those likelihoods down through the label pathway alone; the pass under
-    the true label trains everything. Otherwise one call computes every pair; with
-    last_stage_only (a gated_last model) the pairs under the other labels pass no gradient to the
-    layers before the last stage, where the class enters (PixelCNN.forward's detach).
+    the true label trains everything. Otherwise one call computes every pair.
     """
     if m == 0:
         return discretized_mix_logistic_loss(x, model(x, y), reduction="none"), None
@@ -133,11 +131,10 @@ def training_pass(model, x, y, num_classes, m, label_only_model=None, last_stage
         # The first m images under every class, class-major (the layers before the label enters
         # run once per image), and the rest under their own label, in one call.
         every_class = torch.arange(num_classes, device=y.device).repeat_interleave(m)   # (C*m,)
-        detach = [every_class != y[:m].repeat(num_classes) if last_stage_only else None]
         groups, labels = [x[:m]], [every_class]
         if m < x.shape[0]:
-            groups, labels, detach = groups + [x[m:]], labels + [y[m:]], detach + [None]
-        outs = model(groups, labels, detach)
+            groups, labels = groups + [x[m:]], labels + [y[m:]]
+        outs = model(groups, labels)
         ll = -discretized_mix_logistic_loss(x[:m].repeat(num_classes, 1, 1, 1), outs[0],
                                             reduction="none").view(num_classes, m).t()   # (m, C)
         nll = -ll.gather(1, y[:m, None]).squeeze(1)                                       # (m,)
@@ -287,9 +284,6 @@ def setup(args):
     if ddp and args.disc_weight > 0 and args.disc_params == "label":
         sys.exit("error: --disc_params label runs its wrong-label passes outside DDP; it is "
                  "one-process only (use --disc_params all under torchrun)")
-    if args.disc_params == "last_stage" and args.fusion != "gated_last":
-        sys.exit(f"error: --disc_params last_stage needs --fusion gated_last (got --fusion "
-                 f"{args.fusion}): only there does the class enter after layers all labels share")
     # Each process draws its own dropout masks; DDP gives every process rank 0's initial weights.
     torch.manual_seed(args.seed + rank)
     device = pick_device(args.device)
@@ -430,8 +424,7 @@ def train_step(run, x, y, progress):
     with run.autocast():
         m = max(1, int(args.disc_fraction * x.shape[0])) if args.disc_weight > 0 else 0
         nll, logits = training_pass(run.fwd_model, x, y, run.train.num_classes, m,  # (b,), (m, C)
-                                    run.model if args.disc_params == "label" else None,
-                                    args.disc_params == "last_stage")
+                                    run.model if args.disc_params == "label" else None)
         # The mean over the local batch: DDP averages the gradients over the processes.
         loss = nll.mean() / run.num_dims                                     # nats/dim
         if logits is not None:
@@ -621,10 +614,9 @@ def build_parser():
                    help="random horizontal flips of training images")
     p.add_argument("--disc_weight", type=float, default=0.0,
                    help="hybrid objective: weight of the cross-entropy of softmax_c log p(x|c)")
-    p.add_argument("--disc_params", choices=("all", "label", "last_stage"), default="all",
+    p.add_argument("--disc_params", choices=("all", "label"), default="all",
                    help="what the hybrid term's passes under the wrong labels train: every "
-                        "parameter, only the label's embedding and projections, or (with "
-                        "--fusion gated_last) the last stage, where the class enters, and after")
+                        "parameter, or only the label's embedding and projections")
     p.add_argument("--disc_fraction", type=float, default=0.25,
                    help="fraction of each batch the hybrid term is computed on (each of those "
                         "images costs one more pass per other class)")

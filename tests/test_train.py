@@ -392,36 +392,3 @@ def test_label_only_hybrid_trains_the_trunk_on_the_true_label_only():
         expected = full[n] if n in label else trunk[n]
         torch.testing.assert_close(label_only[n], expected, rtol=1e-4, atol=1e-5, msg=n)
     assert any(not torch.allclose(full[n], trunk[n]) for n in names if n not in label)
-
-
-def test_last_stage_hybrid_keeps_the_wrong_labels_out_of_the_trunk():
-    """--disc_params last_stage (gated_last): the last stage, the embedding and the output layer
-    get the full hybrid gradient; every layer before the last stage gets the gradient of a loss
-    whose wrong-label log-likelihoods are constants. The values are those of the plain pass."""
-    torch.manual_seed(0)
-    model = PixelCNN(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, input_channels=3,
-                     num_classes=4, fusion="gated_last", dropout=0.0).double()
-    x = torch.rand(6, 3, 8, 8, dtype=torch.float64) * 2 - 1
-    y = torch.tensor([3, 0, 2, 1, 1, 0])
-    names, params = zip(*model.named_parameters())
-    head = ("down_u.2.", "down_ul.2.", "embedding.", "nin_out.")   # where the class enters, after
-
-    def grads(nll, logits):
-        return dict(zip(names, torch.autograd.grad(
-            nll.mean() + 0.1 * F.cross_entropy(logits, y[:4]), params, retain_graph=True)))
-
-    nll, logits = pcnn_train.training_pass(model, x, y, 4, 4, last_stage_only=True)
-    ref_nll, ref_logits = pcnn_train.training_pass(model, x, y, 4, 4)
-    torch.testing.assert_close(nll, ref_nll)
-    torch.testing.assert_close(logits, ref_logits)
-    last_stage = grads(nll, logits)
-    full = grads(ref_nll, ref_logits)
-    true = F.one_hot(y[:4], 4).bool()
-    trunk = grads(ref_nll, torch.where(true, ref_logits, ref_logits.detach()))
-    assert sum(n.startswith(head) for n in names) > 4
-    for n in names:
-        expected = full[n] if n.startswith(head) else trunk[n]
-        torch.testing.assert_close(last_stage[n], expected, rtol=1e-4, atol=1e-5, msg=n)
-    assert any(not torch.allclose(full[n], trunk[n]) for n in names if not n.startswith(head))
-    with pytest.raises(ValueError, match="gated_last"):
-        PixelCNN(nr_resnet=1, nr_filters=8, nr_logistic_mix=2)(x, y, torch.zeros(6, dtype=bool))
