@@ -1,8 +1,10 @@
-"""Validation accuracy of the Bayes classifier argmax_c log p(x | c) of a trained conditional
-PixelCNN++, with the course's interface.
+"""Validation accuracy of the Bayes classifier argmax_c log p(x | c) + log pi(c) of a trained
+conditional PixelCNN++ (pi: the class prior the checkpoint holds), with the course's interface.
 
     python classification_evaluation.py                          # validation split, models/conditional_pixelcnn.pth
     python classification_evaluation.py --tta flip               # add log p(mirror(x) | c)
+    python classification_evaluation.py --prior uniform          # ignore the fitted class prior
+    python classification_evaluation.py --prior fit --save_checkpoint M.pth   # fit it on train
     python classification_evaluation.py -m test                  # writes submission.csv and logits.npy
     python classification_evaluation.py -m test --fid VALUE      # ... with the row fid,VALUE last
     python classification_evaluation.py --explain 4              # also explain_validation.png
@@ -25,9 +27,9 @@ import torch
 
 from dataset import DatasetError, load_dataset, rescaling_inv
 from model import DEFAULT_CHECKPOINT, load_model
-from utils import (AMP_RECHECK_NATS, bf16_autocast, class_log_likelihoods,
-                   class_pixel_log_likelihoods, dataset_log_likelihoods, line_buffered_stdout,
-                   pick_device)
+from utils import (AMP_RECHECK_NATS, bayes_predictions, bf16_autocast, class_log_likelihoods,
+                   class_pixel_log_likelihoods, dataset_log_likelihoods, fit_class_log_prior,
+                   line_buffered_stdout, pick_device)
 
 # The two forms of submission.csv the course's terms took, by --submission_format.
 SUBMISSION_FORMATS = {
@@ -43,7 +45,7 @@ EXPLAIN_MAP_PERCENTILE = 99.5   # the shared colour scale ends here, so a few ex
 def get_label(model, model_input, device):
     """The course's hook: predicted labels, int64 (B,), for images (B, C, H, W) in [-1, 1]."""
     ll = class_log_likelihoods(model, model_input.to(device), model.num_classes)   # (B, classes)
-    return ll.argmax(dim=1)
+    return bayes_predictions(model, ll)
 
 
 def classification_report(labels, predictions, num_classes):
@@ -172,6 +174,23 @@ def explain(model, data, predictions, k, split, path, device):
     print(f"explanation maps of {len(truths)} images -> {path}")
 
 
+def fit_prior_on_train(model, args, device, autocast):
+    """Fit the model's class prior on the training split of --data_dir (utils.fit_class_log_prior)
+    and write the model with it to --save_checkpoint."""
+    try:
+        train = load_dataset(args.dataset, args.data_dir, "train")
+    except (FileNotFoundError, ValueError, DatasetError) as err:
+        sys.exit(f"error: {err}")
+    ll = dataset_log_likelihoods(model, train.images, model.num_classes, args.batch_size, device,
+                                 progress=True, autocast=autocast)              # (N, classes)
+    model.class_log_prior.copy_(fit_class_log_prior(ll, train.labels))
+    Path(args.save_checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), args.save_checkpoint)
+    print(f"class prior fitted on {len(train)} training images: log pi = "
+          f"[{', '.join(f'{v:.2f}' for v in model.class_log_prior.tolist())}] "
+          f"-> {args.save_checkpoint}")
+
+
 def main(args):
     # Mistakes in the flags fail here, before minutes of classification.
     if args.fid is not None and not math.isfinite(args.fid):
@@ -191,10 +210,14 @@ def main(args):
     if args.amp and device.type not in ("cuda", "cpu"):
         sys.exit(f"error: --amp runs on cuda or cpu, not {device}")
     autocast = bf16_autocast(device, args.amp)
+    if args.prior == "uniform":
+        model.class_log_prior.copy_(model.uniform_log_prior())
+    elif args.prior == "fit":
+        fit_prior_on_train(model, args, device, autocast)
     ll = dataset_log_likelihoods(model, data.images, model.num_classes, args.batch_size, device,
                                  tta=args.tta, progress=True, autocast=autocast,
                                  recheck=args.amp_recheck)                            # (N, classes)
-    predictions = ll.argmax(dim=1)
+    predictions = bayes_predictions(model, ll)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -240,6 +263,12 @@ def build_parser():
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model to evaluate")
     p.add_argument("--dataset", choices=("cpen455", "cifar10", "mnist"), default="cpen455",
                    help="dataset the model was trained on")
+    p.add_argument("--prior", choices=("model", "uniform", "fit"), default="model",
+                   help="the class prior log pi(c) of argmax_c log p(x | c) + log pi(c): the one "
+                        "the checkpoint holds (pcnn_train.py fits it after training), uniform, or "
+                        "fit it now on the training split and write the model to --save_checkpoint")
+    p.add_argument("--save_checkpoint", default=None,
+                   help="where --prior fit writes the model with its fitted prior")
     p.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: add the log-likelihoods of the image and its mirror image")
     p.add_argument("--amp", action="store_true",
@@ -271,6 +300,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.explain is not None and args.explain < 1:
         parser.error(f"--explain K needs K >= 1 images, got {args.explain}")
+    if (args.prior == "fit") != (args.save_checkpoint is not None):
+        parser.error("--prior fit and --save_checkpoint PATH go together: the fitted prior is "
+                     "written into the model at PATH")
     if not 0 <= args.amp_recheck < math.inf:
         parser.error(f"--amp_recheck needs a number of nats >= 0, got {args.amp_recheck}")
     return args

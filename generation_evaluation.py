@@ -53,8 +53,8 @@ from torchvision.utils import make_grid, save_image
 
 from dataset import CLASS_NAMES, my_bidict, one_line, rescaling_inv, resize_and_rescale
 from model import DEFAULT_CHECKPOINT, load_model
-from utils import (check_temperature, complete, dataset_log_likelihoods, line_buffered_stdout,
-                   pick_device, progress_bar, sample_fast)
+from utils import (bayes_predictions, check_temperature, complete, dataset_log_likelihoods,
+                   line_buffered_stdout, pick_device, progress_bar, sample_fast)
 
 IMAGE_SIZE = 32                 # the course samples and grades 32x32 images
 SAMPLES_PER_CLASS = 25          # the course's sample_batch_size: 4 x 25 = 100 generated images
@@ -209,13 +209,14 @@ def completions(model, args, images, device):
 
 def class_evidence(model, images, labels, device):
     """How the model's own Bayes classifier sees images drawn for `labels` (N,): the share it
-    assigns to their label, and the median margin in nats of log p(x | label) over the likeliest
-    other class (the lower median for even N)."""
+    assigns to their label, and the median margin in nats of log p(x | label) + log pi(label) over
+    the likeliest other class (the lower median for even N)."""
     ll = dataset_log_likelihoods(model, images, model.num_classes, device=device,
                                  progress=True)                           # (N, classes)
-    own = ll.gather(1, labels[:, None])[:, 0]                             # (N,)
-    best_other = ll.scatter(1, labels[:, None], -math.inf).amax(dim=1)     # (N,)
-    share = (ll.argmax(dim=1) == labels).double().mean().item()
+    posterior = ll + model.class_log_prior.to(ll)                         # (N, classes)
+    own = posterior.gather(1, labels[:, None])[:, 0]                      # (N,)
+    best_other = posterior.scatter(1, labels[:, None], -math.inf).amax(dim=1)   # (N,)
+    share = (bayes_predictions(model, ll) == labels).double().mean().item()
     return share, (own - best_other).median().item()
 
 

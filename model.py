@@ -20,6 +20,7 @@ downsamplings (32 -> 16 -> 8); the down pass mirrors it and consumes the up pass
 inputs.
 """
 
+import math
 import pickle
 from pathlib import Path
 
@@ -139,6 +140,19 @@ class PixelCNN(nn.Module):
             [DownRightShiftedDeconv2d(nr_filters, nr_filters) for _ in range(2)])
 
         self.nin_out = NIN(nr_filters, mixture_channels(input_channels, nr_logistic_mix))
+        # log pi(c) of the Bayes classifier argmax_c log p(x | c) + log pi(c): uniform until
+        # `utils.fit_class_log_prior` sets it (pcnn_train.py does, after training). It is not
+        # part of the density: sampling and bits/dim never read it.
+        self.register_buffer("class_log_prior", self.uniform_log_prior())
+
+    def uniform_log_prior(self):
+        """log pi(c) = -log(num_classes) for every class: (num_classes,)."""
+        return torch.full((self.num_classes,), -math.log(self.num_classes))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints saved before the prior existed load with the uniform prior they assumed.
+        state_dict.setdefault(prefix + "class_log_prior", self.uniform_log_prior())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def label_parameter_names(self):
         """Names of the parameters that act only through the label: the class embedding and the

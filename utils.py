@@ -282,10 +282,48 @@ def class_log_likelihoods(model, x, num_classes):
     """log p(x | c) in nats for every class: (B, C, H, W) -> (B, num_classes), the per-image sums
     of `class_pixel_log_likelihoods`.
 
-    The Bayes classifier is `class_log_likelihoods(...).argmax(dim=1)`. Gradients flow (the
-    hybrid objective trains through it); wrap it in `torch.no_grad()` to evaluate.
+    The Bayes classifier is `bayes_predictions(model, class_log_likelihoods(...))`. Gradients flow
+    (the hybrid objective trains through it); wrap it in `torch.no_grad()` to evaluate.
     """
     return class_pixel_log_likelihoods(model, x, num_classes).sum(dim=(2, 3))
+
+
+def bayes_predictions(model, ll):
+    """The classes argmax_c log p(x | c) + log pi(c) under the model's class prior
+    (`PixelCNN.class_log_prior`, uniform unless fitted): ll (N, num_classes) -> int64 (N,)."""
+    return (ll + model.class_log_prior.to(ll)).argmax(dim=1)
+
+
+def fit_class_log_prior(ll, labels, max_iter=100):
+    """The class prior that maximises the conditional likelihood sum_i log p(labels_i | x_i) of
+    labelled images, given their log p(x | c): ll (N, num_classes), labels (N,) -> log pi
+    (num_classes,), normalised (logsumexp 0).
+
+    A number per class, not a density: where the class-conditional models are off by a constant
+    for a class (one learnt its images' textures better), this corrects the Bayes classifier
+    without touching the density. The objective is convex in log pi; at its optimum the posterior's
+    expected class counts equal the label counts. Solved by L-BFGS in float64.
+    """
+    ll, labels = ll.detach().double().cpu(), labels.cpu()
+    if ll.ndim != 2 or labels.shape != ll.shape[:1]:
+        raise ValueError(f"expected ll (N, classes) and labels (N,), got {tuple(ll.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if not torch.isfinite(ll).all():
+        raise ValueError("the log-likelihoods hold non-finite values")
+    # Centre each image's scores: the posterior is unchanged and the numbers stay small.
+    ll = ll - ll.mean(dim=1, keepdim=True)
+    bias = torch.zeros(ll.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([bias], max_iter=max_iter, tolerance_grad=1e-10,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(ll + bias, labels, reduction="sum")
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.log_softmax(bias.detach(), dim=0).float()
 
 
 # Images per batch of dataset_log_likelihoods, by device type. On a CPU a small batch (8 images,
@@ -319,10 +357,11 @@ def dataset_log_likelihoods(model, images, num_classes, batch_size=None, device=
     the whole split, not once per batch. tta="flip" adds the log-likelihoods of each image and its
     mirror image (still the generative classifier: it scores log p(x | c) + log p(mirror(x) | c)).
     With an `autocast` (a factory such as `bf16_autocast(device)`), wherever a class lies less
-    than `recheck` nats below an image's best class, that image's classes within `recheck` of
-    its best are scored again without it, so that rounding decides no close call; the classes
-    further down keep their autocast scores (rounding moves a gap by less than `recheck`, so they
-    stay below). recheck=0 keeps every autocast score.
+    than `recheck` nats below an image's best class (in log p(x | c) + log pi(c), as
+    `bayes_predictions` ranks them), that image's classes within `recheck` of its best are scored
+    again without it, so that rounding decides no close call; the classes further down keep their
+    autocast scores (rounding moves a gap by less than `recheck`, so they stay below). recheck=0
+    keeps every autocast score.
     """
     if tta not in (None, "none", "flip"):
         raise ValueError(f"tta must be None, 'none' or 'flip', got {tta!r}")
@@ -338,7 +377,8 @@ def dataset_log_likelihoods(model, images, num_classes, batch_size=None, device=
             out.append(ll.float().cpu())
     ll = torch.cat(out)                                                         # (N, num_classes)
     if autocast is not nullcontext and recheck > 0:
-        close = ll.max(dim=1, keepdim=True).values - ll < recheck                  # (N, num_classes)
+        posterior = ll + model.class_log_prior.to(ll)          # the classifier's scores (N, classes)
+        close = posterior.max(dim=1, keepdim=True).values - posterior < recheck  # (N, num_classes)
         close &= close.sum(dim=1, keepdim=True) > 1            # the best alone is no close call
         pairs = close.nonzero()                                                 # (P, 2): image, class
         if len(pairs):

@@ -292,10 +292,12 @@ def test_amp_rounds_the_log_likelihoods(checkpoint, model, tmp_path):
     np.testing.assert_allclose(logits, expected.numpy(), rtol=2e-2)
 
 
-def test_amp_recheck_scores_the_close_calls_in_float32():
+@pytest.mark.parametrize("prior", [None, [0.0, 1.3, -0.7, 0.4]])
+def test_amp_recheck_scores_the_close_calls_in_float32(prior):
     """Under autocast, in the images where a second class lies less than `recheck` nats below the
     best in bf16, exactly the classes within `recheck` of the best get their float32 scores; every
-    other score keeps its bf16 value."""
+    other score keeps its bf16 value. Close is measured in log p(x | c) + log pi(c), with the
+    model's class prior (`prior`, in units of the median gap to the best class)."""
     model = tiny_model()
     torch.manual_seed(1)
     x = torch.rand(12, 3, 8, 8) * 2 - 1
@@ -303,7 +305,11 @@ def test_amp_recheck_scores_the_close_calls_in_float32():
     fp32 = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4)               # (12, 4)
     rounded = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, autocast=bf16,
                                       recheck=0)
-    below_best = rounded.max(dim=1, keepdim=True).values - rounded                    # (12, 4)
+    if prior is not None:
+        gap = (rounded.max(dim=1, keepdim=True).values - rounded).median()
+        model.class_log_prior.copy_(torch.log_softmax(torch.tensor(prior) * gap, dim=0))
+    posterior = rounded + model.class_log_prior
+    below_best = posterior.max(dim=1, keepdim=True).values - posterior                # (12, 4)
     second = below_best.sort(dim=1).values[:, 1]                                      # (12,)
     recheck = second.median().item()
     close = torch.zeros_like(rounded, dtype=torch.bool)

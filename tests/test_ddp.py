@@ -22,7 +22,8 @@ pytestmark = [
 
 # --dropout 0: each process draws its own dropout masks, so only without dropout do the runs agree.
 TINY = ["--data_dir", str(DATA), "--nr_resnet", "1", "--nr_filters", "8", "--nr_logistic_mix", "2",
-        "--dropout", "0", "--device", "cpu", "--sampling_interval", "0", "--flip"]
+        "--dropout", "0", "--device", "cpu", "--sampling_interval", "0", "--flip",
+        "--fit_prior", "false"]
 
 
 def free_port():
