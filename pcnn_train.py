@@ -442,7 +442,8 @@ def next_batch(run, perm, i):
 
 
 def train_step(run, x, y, progress):
-    """One optimizer step on the batch (x, y): forward, loss, backward, clip, step, EMA.
+    """One optimizer step on the batch (x, y): forward, loss, backward, clip, step, the class
+    prior's step (--prior_lr), EMA.
 
     Returns the global batch's (mean nll, objective, summed nll), the same on every process.
     A non-finite objective exits naming the step."""
@@ -454,7 +455,8 @@ def train_step(run, x, y, progress):
         # The mean over the local batch: DDP averages the gradients over the processes.
         loss = nll.mean() / run.num_dims                                     # nats/dim
         if logits is not None:
-            loss = loss + args.disc_weight * F.cross_entropy(logits, y[:m])
+            prior = run.model.class_log_prior                                # (C,), uniform at 0
+            loss = loss + args.disc_weight * F.cross_entropy(logits + prior, y[:m])
     # Global numbers on every process, so the log shows the whole batch and a non-finite loss
     # stops all of them at the same step.
     stats = torch.stack([nll.mean(), loss, nll.sum()]).detach()
@@ -472,9 +474,25 @@ def train_step(run, x, y, progress):
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
+    if logits is not None and args.prior_lr > 0:
+        step_class_prior(run, logits.detach().float(), y[:m])
     if run.ema is not None:
         run.ema.update(run.model, progress.step)
     return mean_nll, loss_value, sum_nll
+
+
+@torch.no_grad()
+def step_class_prior(run, logits, y):
+    """One gradient step of --prior_lr nats on the model's class prior log pi, on the hybrid
+    term's cross-entropy of softmax_c(log p(x | c) + log pi(c)) (logits (m, C), labels (m,)):
+    the prior takes up what is constant per class, so the term need not move whole class
+    densities for it. The gradient, softmax - onehot, is averaged over the processes."""
+    prior = run.model.class_log_prior
+    grad = (torch.softmax(logits + prior, dim=1) - F.one_hot(y, prior.shape[0])).mean(dim=0)
+    if run.ddp:
+        dist.all_reduce(grad)
+        grad /= run.world_size
+    prior.copy_(torch.log_softmax(prior - run.args.prior_lr * grad, dim=0))
 
 
 def rank0_decides(run, flag):
@@ -644,6 +662,10 @@ def build_parser():
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="decay of the weights' exponential moving average (0: off)")
+    p.add_argument("--prior_lr", type=float, default=0.0,
+                   help="train the class prior log pi(c) inside the hybrid term's posterior "
+                        "softmax_c(log p(x | c) + log pi(c)), by gradient steps of this many nats "
+                        "(0: the prior stays uniform during training)")
     p.add_argument("--fit_prior", type=str2bool, nargs="?", const=True, default=True,
                    help="after training, fit the kept model's class prior log pi(c) on the "
                         "training images (the Bayes classifier becomes argmax_c log p(x | c) + "
@@ -700,6 +722,8 @@ def parse_args(argv=None):
     if args.preset:
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)
+    if not 0 <= args.prior_lr < math.inf:
+        parser.error(f"--prior_lr needs a step in nats >= 0, got {args.prior_lr}")
     return args
 
 

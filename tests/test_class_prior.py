@@ -7,6 +7,7 @@ the prior's way through classification_evaluation.py (`--prior`) and pcnn_train.
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -230,3 +231,27 @@ def test_training_fits_the_prior_of_the_kept_model(tmp_path, monkeypatch):
     val_ll = per_class_log_likelihoods(kept, val.images)
     accuracy = ((val_ll + kept.class_log_prior.double()).argmax(1) == val.labels).double().mean()
     assert abs(record["val_acc"] - accuracy.item()) < 1.5 / len(val)
+
+
+def test_prior_step_is_a_gradient_step_on_the_hybrid_cross_entropy():
+    """step_class_prior against autograd: log pi <- log_softmax(log pi - lr * d CE / d log pi),
+    with CE the hybrid term's cross-entropy of softmax_c(log p(x | c) + log pi(c))."""
+    model = tiny_model()
+    start = torch.log_softmax(torch.tensor([1.0, -2.0, 0.5, 0.0]), 0)
+    model.class_log_prior.copy_(start)
+    run = SimpleNamespace(model=model, ddp=False, args=SimpleNamespace(prior_lr=3.0))
+    logits = torch.tensor([[-10.0, -12.0, -9.0, -30.0], [-5.0, -5.5, -40.0, -6.0],
+                           [-7.0, -7.0, -7.0, -7.0]])
+    y = torch.tensor([0, 3, 2])
+    pcnn_train.step_class_prior(run, logits, y)
+    b = start.clone().requires_grad_()
+    F.cross_entropy(logits + b, y).backward()
+    expected = torch.log_softmax(start - 3.0 * b.grad, 0)
+    torch.testing.assert_close(model.class_log_prior, expected)
+
+
+def test_prior_lr_must_be_a_step(capsys):
+    for value in ["-1", "inf", "nan"]:
+        with pytest.raises(SystemExit):
+            pcnn_train.parse_args(["--prior_lr", value])
+        assert "--prior_lr" in capsys.readouterr().err

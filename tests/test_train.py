@@ -4,6 +4,7 @@ run's time carried over; result lines start their own line in a shared log; chec
 model in a fresh process; flags are real booleans; a non-finite loss stops the run."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -126,18 +127,21 @@ def test_resume_continues_exactly_and_cuts_steps_csv_back(tmp_path):
     run had gone on to step 5 past its step-3 checkpoint (as a killed run does): steps.csv and
     log.jsonl are cut back to step 3 on resume, so each step appears once."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train(straight, "--max_steps", "6", "--flip").returncode == 0
-    assert train(split, "--max_steps", "3", "--flip").returncode == 0
+    hybrid = ["--flip", "--disc_weight", "1e-3", "--prior_lr", "1"]   # the prior moves too
+    assert train(straight, "--max_steps", "6", *hybrid).returncode == 0
+    assert train(split, "--max_steps", "3", *hybrid).returncode == 0
     shutil.copy(split / "resume.pt", tmp_path / "step3.pt")
-    assert train(split, "--max_steps", "5", "--flip", "--resume").returncode == 0
+    assert train(split, "--max_steps", "5", *hybrid, "--resume").returncode == 0
     assert [r["step"] for r in log_records(split)] == [3, 5]
     shutil.copy(tmp_path / "step3.pt", split / "resume.pt")     # steps 4 and 5 were never saved
-    proc = train(split, "--max_steps", "6", "--flip", "--resume")
+    proc = train(split, "--max_steps", "6", *hybrid, "--resume")
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout
     assert (split / "steps.csv").read_text() == (straight / "steps.csv").read_text()
     assert [r["step"] for r in log_records(split)] == [3, 6]
     assert_same_training_state(load_resume_file(split), load_resume_file(straight))
+    prior = load_resume_file(straight)["model"]["class_log_prior"]
+    assert not torch.allclose(prior, torch.full_like(prior, -math.log(4)))
 
 
 def test_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
