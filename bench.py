@@ -38,9 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import DatasetError, load_dataset
 from model import DEFAULT_CHECKPOINT, PixelCNN, load_model
-from utils import (AMP_RECHECK_NATS, bf16_autocast, bf16_pays, class_log_likelihoods,
-                   dataset_log_likelihoods, discretized_mix_logistic_loss, pick_device,
-                   sample_fast)
+from utils import (AMP_RECHECK_NATS, bayes_predictions, bf16_autocast, bf16_pays,
+                   class_log_likelihoods, dataset_log_likelihoods, discretized_mix_logistic_loss,
+                   pick_device, sample_fast)
 
 NO_BF16 = "this CPU has no bf16 instructions, and PyTorch's emulation is slower than float32"
 SIZES = {"40/1/5": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5),
@@ -151,9 +151,10 @@ def bench_classification(device, val, model, model_name, rounds):
     else:
         print(f"  bf16 autocast skipped: {NO_BF16}", flush=True)
     bench_pass_work(device, model, val.images, val.num_classes)
-    course = scores["course"].argmax(1)                                          # (N,)
+    # The predictions of the Bayes classifier, the model's class prior added to each path's scores.
+    course = bayes_predictions(model, scores["course"])                          # (N,)
     for precision in sorted(scores.keys() - {"course"}):
-        changed = (scores[precision].argmax(1) != course).sum().item()
+        changed = (bayes_predictions(model, scores[precision]) != course).sum().item()
         print(f"  {precision} changes {changed} of {len(val.images)} predictions of the course "
               f"pattern ({model_name})", flush=True)
 

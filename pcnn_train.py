@@ -6,13 +6,14 @@
     torchrun --nproc_per_node=8 pcnn_train.py --preset gpu  # 8 GPUs, DistributedDataParallel
 
 Each epoch prints train bits/dim, validation bits/dim, the validation accuracy of the Bayes
-classifier argmax_c log p(x | c), wall time and images/s, and appends the same to
-`<run_dir>/log.jsonl`. The best model by validation accuracy (EMA weights when --ema is on) goes to
-`<save_dir>/conditional_pixelcnn.pth`; `<run_dir>/resume.pt`, written at every epoch end and every
---checkpoint_minutes of training, holds everything --resume needs to continue exactly, mid-epoch
-too: a killed run loses at most those minutes. At the end `<run_dir>/curves.png` plots the training
-curves, and (--fit_prior) the kept model gets the class prior log pi(c) that fits its training
-images best, written into the checkpoint and `<run_dir>/class_prior.json`.
+classifier argmax_c log p(x | c) + log pi(c) (pi uniform unless --prior_lr trains it), wall time
+and images/s, and appends the same to `<run_dir>/log.jsonl`. The best model by validation
+accuracy (EMA weights when --ema is on) goes to `<save_dir>/conditional_pixelcnn.pth`;
+`<run_dir>/resume.pt`, written at every epoch end and every --checkpoint_minutes of training,
+holds everything --resume needs to continue exactly, mid-epoch too: a killed run loses at most
+those minutes. At the end `<run_dir>/curves.png` plots the training curves, and (--fit_prior)
+the kept model gets the class prior log pi(c) that fits its training images best, written into
+the checkpoint and `<run_dir>/class_prior.json`.
 
 Under torchrun each process (one per GPU with NCCL, or on the CPU with gloo) trains on its own
 slice of every global batch of --batch_size images and DDP averages the gradients, so steps.csv
@@ -47,8 +48,8 @@ from utils import bayes_predictions, bf16_autocast, bf16_pays, bits_per_dim, \
 PRESETS = {
     "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, fusion="gated_last", batch_size=32,
                 lr=1e-3, warmup_steps=100, lr_decay=0.9998, ema=0.999, dropout=0.1, flip=True,
-                amp=True, disc_weight=1e-3, disc_fraction=0.25, max_minutes=30.0, max_epochs=1000,
-                sampling_interval=0),
+                amp=True, disc_weight=1e-3, disc_fraction=0.25, prior_lr=1.0, max_minutes=30.0,
+                max_epochs=1000, sampling_interval=0),
     "gpu": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10, batch_size=64, lr=1e-3,
                 warmup_steps=200, lr_decay=0.99995, ema=0.999, dropout=0.5, flip=True, amp=True,
                 max_minutes=25.0, max_epochs=1000, sampling_interval=10),
@@ -195,7 +196,7 @@ def fit_prior(run, progress):
     val_acc = evaluate(model, run.val, args, run.device, run.autocast, 0, 1)["val_acc"]
     atomic_save(model.state_dict(), run.best_path)
     result = dict(class_log_prior=model.class_log_prior.tolist(), train_images=n,
-                  val_acc_uniform_prior=progress.best_acc, val_acc=val_acc,
+                  val_acc_before_fit=progress.best_acc, val_acc=val_acc,
                   seconds=time.time() - start)
     (run.run_dir / "class_prior.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -622,7 +623,7 @@ def main(args):
             print(f"class prior fitted on {fit['train_images']} training images in "
                   f"{fit['seconds']:.0f}s: log pi = "
                   f"[{', '.join(f'{v:.2f}' for v in fit['class_log_prior'])}]; validation accuracy "
-                  f"{100 * fit['val_acc_uniform_prior']:.2f}% -> {100 * fit['val_acc']:.2f}% "
+                  f"{100 * fit['val_acc_before_fit']:.2f}% -> {100 * fit['val_acc']:.2f}% "
                   f"-> {run.best_path}, {run.run_dir / 'class_prior.json'}")
     if run.wandb is not None:
         run.wandb.finish()

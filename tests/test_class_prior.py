@@ -226,7 +226,7 @@ def test_training_fits_the_prior_of_the_kept_model(tmp_path, monkeypatch):
     torch.testing.assert_close(kept.class_log_prior,
                                fit_class_log_prior(ll, train.labels[pick]), rtol=0, atol=1e-2)
     assert record["train_images"] == 40
-    assert record["val_acc_uniform_prior"] == max(r["val_acc"] for r in log_records(tmp_path))
+    assert record["val_acc_before_fit"] == max(r["val_acc"] for r in log_records(tmp_path))
     val = load_dataset("cpen455", DATA, "validation")
     val_ll = per_class_log_likelihoods(kept, val.images)
     accuracy = ((val_ll + kept.class_log_prior.double()).argmax(1) == val.labels).double().mean()
