@@ -27,6 +27,7 @@ import torch
 
 from dataset import DatasetError, load_dataset, rescaling_inv
 from model import DEFAULT_CHECKPOINT, load_model
+from pcnn_train import atomic_save
 from utils import (AMP_RECHECK_NATS, bayes_predictions, bf16_autocast, class_log_likelihoods,
                    class_pixel_log_likelihoods, dataset_log_likelihoods, fit_class_log_prior,
                    line_buffered_stdout, pick_device)
@@ -185,7 +186,7 @@ def fit_prior_on_train(model, args, device, autocast):
                                  progress=True, autocast=autocast)              # (N, classes)
     model.class_log_prior.copy_(fit_class_log_prior(ll, train.labels))
     Path(args.save_checkpoint).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.save_checkpoint)
+    atomic_save(model.state_dict(), args.save_checkpoint)     # it may be --checkpoint itself
     print(f"class prior fitted on {len(train)} training images: log pi = "
           f"[{', '.join(f'{v:.2f}' for v in model.class_log_prior.tolist())}] "
           f"-> {args.save_checkpoint}")

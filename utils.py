@@ -340,8 +340,8 @@ def eval_batch_size(device):
 
 # Under autocast, dataset_log_likelihoods scores again in float32 the classes within this many nats
 # of an image's best, where there are two or more: bf16 rounding moves the gap between two classes'
-# log-likelihoods by up to 22.3 nats on the validation images under the shipped model (the CPU
-# preset's, `gated_last`) and 15.6 under the gated-fusion model shipped before it (`python bench.py
+# log-likelihoods by up to 22.3 nats on the validation images under the `gated_last` model shipped
+# at commit 449654b and 15.6 under the gated-fusion model shipped before it (`python bench.py
 # --only classification` prints the largest move), and a smaller gap could flip the prediction.
 AMP_RECHECK_NATS = 30.0
 
