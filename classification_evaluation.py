@@ -29,8 +29,8 @@ from dataset import DatasetError, load_dataset, rescaling_inv
 from model import DEFAULT_CHECKPOINT, load_model
 from pcnn_train import atomic_save
 from utils import (AMP_RECHECK_NATS, bayes_predictions, bf16_autocast, class_log_likelihoods,
-                   class_pixel_log_likelihoods, dataset_log_likelihoods, fit_class_log_prior,
-                   line_buffered_stdout, pick_device)
+                   class_pixel_log_likelihoods, dataset_log_likelihoods, line_buffered_stdout,
+                   pick_device, set_fitted_class_prior)
 
 # The two forms of submission.csv the course's terms took, by --submission_format.
 SUBMISSION_FORMATS = {
@@ -182,9 +182,7 @@ def fit_prior_on_train(model, args, device, autocast):
         train = load_dataset(args.dataset, args.data_dir, "train")
     except (FileNotFoundError, ValueError, DatasetError) as err:
         sys.exit(f"error: {err}")
-    ll = dataset_log_likelihoods(model, train.images, model.num_classes, args.batch_size, device,
-                                 progress=True, autocast=autocast)              # (N, classes)
-    model.class_log_prior.copy_(fit_class_log_prior(ll, train.labels))
+    set_fitted_class_prior(model, train.images, train.labels, args.batch_size, device, autocast)
     Path(args.save_checkpoint).parent.mkdir(parents=True, exist_ok=True)
     atomic_save(model.state_dict(), args.save_checkpoint)     # it may be --checkpoint itself
     print(f"class prior fitted on {len(train)} training images: log pi = "

@@ -53,7 +53,8 @@ from torchvision.utils import make_grid, save_image
 
 from dataset import CLASS_NAMES, my_bidict, one_line, rescaling_inv, resize_and_rescale
 from model import DEFAULT_CHECKPOINT, load_model
-from utils import (bayes_predictions, check_temperature, complete, dataset_log_likelihoods,
+from utils import (bayes_predictions, check_temperature, class_log_posterior, complete,
+                   dataset_log_likelihoods,
                    line_buffered_stdout, pick_device, progress_bar, sample_fast)
 
 IMAGE_SIZE = 32                 # the course samples and grades 32x32 images
@@ -213,7 +214,7 @@ def class_evidence(model, images, labels, device):
     the likeliest other class (the lower median for even N)."""
     ll = dataset_log_likelihoods(model, images, model.num_classes, device=device,
                                  progress=True)                           # (N, classes)
-    posterior = ll + model.class_log_prior.to(ll)                         # (N, classes)
+    posterior = class_log_posterior(model, ll)                            # (N, classes)
     own = posterior.gather(1, labels[:, None])[:, 0]                      # (N,)
     best_other = posterior.scatter(1, labels[:, None], -math.inf).amax(dim=1)   # (N,)
     share = (bayes_predictions(model, ll) == labels).double().mean().item()

@@ -41,8 +41,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dataset import DatasetError, TensorImageDataset, load_dataset, rescaling_inv
 from model import CHECKPOINT_NAME, DEFAULT_CHECKPOINT, FUSION_MODES, PixelCNN, load_model
 from utils import bayes_predictions, bf16_autocast, bf16_pays, bits_per_dim, \
-    dataset_log_likelihoods, discretized_mix_logistic_loss, fit_class_log_prior, \
-    line_buffered_stdout, pick_device, progress_bar, sample_fast
+    dataset_log_likelihoods, discretized_mix_logistic_loss, line_buffered_stdout, pick_device, \
+    progress_bar, sample_fast, set_fitted_class_prior
 
 # Presets set defaults; any flag given on the command line still wins.
 PRESETS = {
@@ -55,7 +55,7 @@ PRESETS = {
                 max_minutes=25.0, max_epochs=1000, sampling_interval=10),
 }
 # --fit_prior scores at most this many training images (all of CPEN455's 4159; a fixed sample of
-# CIFAR-10's 50000): four numbers are fitted, and every image costs a pass per class.
+# CIFAR-10's 50000): one number per class is fitted, and every image costs a pass per class.
 PRIOR_FIT_IMAGES = 5000
 
 
@@ -189,10 +189,8 @@ def fit_prior(run, progress):
     model = load_model(run.best_path, run.device)
     n = min(PRIOR_FIT_IMAGES, run.train.images.shape[0])
     pick = torch.randperm(run.train.images.shape[0], generator=torch.Generator().manual_seed(0))[:n]
-    ll = dataset_log_likelihoods(model, run.train.images[pick], run.train.num_classes,
-                                 args.eval_batch_size, run.device, progress=True,
-                                 autocast=run.autocast)                           # (n, classes)
-    model.class_log_prior.copy_(fit_class_log_prior(ll, run.train.labels[pick]))
+    set_fitted_class_prior(model, run.train.images[pick], run.train.labels[pick],
+                           args.eval_batch_size, run.device, run.autocast)
     val_acc = evaluate(model, run.val, args, run.device, run.autocast, 0, 1)["val_acc"]
     atomic_save(model.state_dict(), run.best_path)
     result = dict(class_log_prior=model.class_log_prior.tolist(), train_images=n,
@@ -456,7 +454,7 @@ def train_step(run, x, y, progress):
         # The mean over the local batch: DDP averages the gradients over the processes.
         loss = nll.mean() / run.num_dims                                     # nats/dim
         if logits is not None:
-            prior = run.model.class_log_prior                                # (C,), uniform at 0
+            prior = run.model.class_log_prior               # (C,), uniform unless --prior_lr
             loss = loss + args.disc_weight * F.cross_entropy(logits + prior, y[:m])
     # Global numbers on every process, so the log shows the whole batch and a non-finite loss
     # stops all of them at the same step.

@@ -288,10 +288,15 @@ def class_log_likelihoods(model, x, num_classes):
     return class_pixel_log_likelihoods(model, x, num_classes).sum(dim=(2, 3))
 
 
+def class_log_posterior(model, ll):
+    """log p(x | c) + log pi(c) under the model's class prior (`PixelCNN.class_log_prior`, uniform
+    unless fitted): the Bayes classifier's scores, ll (N, num_classes) -> (N, num_classes)."""
+    return ll + model.class_log_prior.to(ll)
+
+
 def bayes_predictions(model, ll):
-    """The classes argmax_c log p(x | c) + log pi(c) under the model's class prior
-    (`PixelCNN.class_log_prior`, uniform unless fitted): ll (N, num_classes) -> int64 (N,)."""
-    return (ll + model.class_log_prior.to(ll)).argmax(dim=1)
+    """The classes argmax_c log p(x | c) + log pi(c): ll (N, num_classes) -> int64 (N,)."""
+    return class_log_posterior(model, ll).argmax(dim=1)
 
 
 def fit_class_log_prior(ll, labels, max_iter=100):
@@ -324,6 +329,15 @@ def fit_class_log_prior(ll, labels, max_iter=100):
 
     opt.step(closure)
     return torch.log_softmax(bias.detach(), dim=0).float()
+
+
+def set_fitted_class_prior(model, images, labels, batch_size=None, device="cpu",
+                           autocast=nullcontext):
+    """Score labelled images (N, C, H, W) under every class (`dataset_log_likelihoods`, with a
+    progress bar) and set the model's class prior to `fit_class_log_prior` of them."""
+    ll = dataset_log_likelihoods(model, images, model.num_classes, batch_size, device,
+                                 progress=True, autocast=autocast)              # (N, classes)
+    model.class_log_prior.copy_(fit_class_log_prior(ll, labels))
 
 
 # Images per batch of dataset_log_likelihoods, by device type. On a CPU a small batch (8 images,
@@ -377,7 +391,7 @@ def dataset_log_likelihoods(model, images, num_classes, batch_size=None, device=
             out.append(ll.float().cpu())
     ll = torch.cat(out)                                                         # (N, num_classes)
     if autocast is not nullcontext and recheck > 0:
-        posterior = ll + model.class_log_prior.to(ll)          # the classifier's scores (N, classes)
+        posterior = class_log_posterior(model, ll)                             # (N, num_classes)
         close = posterior.max(dim=1, keepdim=True).values - posterior < recheck  # (N, num_classes)
         close &= close.sum(dim=1, keepdim=True) > 1            # the best alone is no close call
         pairs = close.nonzero()                                                 # (P, 2): image, class

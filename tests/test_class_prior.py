@@ -152,7 +152,7 @@ def small_train():
 
 def run_evaluation(monkeypatch, small_train, checkpoint, out_dir, *flags):
     """classification_evaluation.main in this process, on 32 validation images and the small
-    training split; returns (the model it classified with, its printed accuracy)."""
+    training split; returns the model it classified with."""
     real_load = ce.load_dataset
     val = real_load("cpen455", DATA, "validation")
     subset = TensorImageDataset(val.images[:32], val.labels[:32], val.class_names)
@@ -164,7 +164,7 @@ def run_evaluation(monkeypatch, small_train, checkpoint, out_dir, *flags):
     real_predict = ce.bayes_predictions
 
     def predict(model, ll):
-        seen["model"], seen["ll"] = model, ll
+        seen["model"] = model
         return real_predict(model, ll)
 
     monkeypatch.setattr(ce, "load_dataset", load)
@@ -172,7 +172,7 @@ def run_evaluation(monkeypatch, small_train, checkpoint, out_dir, *flags):
     args = ce.parse_args(["--checkpoint", str(checkpoint), "-i", str(DATA), "--out_dir",
                           str(out_dir), "--device", "cpu", *flags])
     ce.main(args)
-    return seen["model"], seen["ll"], subset.labels
+    return seen["model"]
 
 
 @needs_data
@@ -181,18 +181,17 @@ def test_prior_fit_uniform_and_model(monkeypatch, small_train, tmp_path, capsys)
     classifies with it, --prior uniform without it."""
     torch.save(tiny_model().state_dict(), tmp_path / "m.pth")
     fitted_path = tmp_path / "sub" / "fitted.pth"
-    model, ll, labels = run_evaluation(monkeypatch, small_train, tmp_path / "m.pth", tmp_path,
-                                       "--prior", "fit", "--save_checkpoint", str(fitted_path))
+    run_evaluation(monkeypatch, small_train, tmp_path / "m.pth", tmp_path,
+                   "--prior", "fit", "--save_checkpoint", str(fitted_path))
     train_ll = per_class_log_likelihoods(load_model(tmp_path / "m.pth"), small_train.images)
     expected = fit_class_log_prior(train_ll, small_train.labels)
     saved = load_model(fitted_path).class_log_prior
     torch.testing.assert_close(saved, expected, rtol=1e-4, atol=1e-2)
     assert "class prior fitted on 48 training images" in capsys.readouterr().out
 
-    model, ll, _ = run_evaluation(monkeypatch, small_train, fitted_path, tmp_path)
+    model = run_evaluation(monkeypatch, small_train, fitted_path, tmp_path)
     assert torch.equal(model.class_log_prior, saved)
-    model, ll, _ = run_evaluation(monkeypatch, small_train, fitted_path, tmp_path,
-                                  "--prior", "uniform")
+    model = run_evaluation(monkeypatch, small_train, fitted_path, tmp_path, "--prior", "uniform")
     assert torch.equal(model.class_log_prior, torch.full((NUM_CLASSES,), UNIFORM))
 
 
