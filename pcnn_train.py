@@ -181,6 +181,13 @@ def evaluate(model, data, args, device, autocast, rank, world_size):
                 val_acc=(bayes_predictions(model, ll) == labels).float().mean().item())
 
 
+def kept_acc(run, progress):
+    """Validation accuracy, as training logged it, of the checkpoint --keep kept."""
+    if run.args.keep == "last":
+        return progress.log[-1]["val_acc"] if progress.log else -1.0
+    return progress.best_acc
+
+
 def fit_prior(run, progress):
     """Fit the kept model's class prior (utils.fit_class_log_prior) on up to PRIOR_FIT_IMAGES
     training images, unflipped, and write it into the checkpoint and <run_dir>/class_prior.json.
@@ -194,7 +201,7 @@ def fit_prior(run, progress):
     val_acc = evaluate(model, run.val, args, run.device, run.autocast, 0, 1)["val_acc"]
     atomic_save(model.state_dict(), run.best_path)
     result = dict(class_log_prior=model.class_log_prior.tolist(), train_images=n,
-                  val_acc_before_fit=progress.best_acc, val_acc=val_acc,
+                  val_acc_before_fit=kept_acc(run, progress), val_acc=val_acc,
                   seconds=time.time() - start)
     (run.run_dir / "class_prior.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -550,8 +557,8 @@ def train_epoch(run, progress, start_time):
 
 def end_epoch(run, progress, start_time):
     """After an epoch, or the part of one a stop left: validate (the EMA weights when EMA is on:
-    they are what gets saved), log what the steps since the last record trained, keep the best
-    model, save samples on schedule, and write resume.pt."""
+    they are what gets saved), log what the steps since the last record trained, write the
+    checkpoint --keep names, save samples on schedule, and write resume.pt."""
     args = run.args
     finished_epoch = progress.batch_index == run.batches_per_epoch
     if finished_epoch:
@@ -581,8 +588,11 @@ def end_epoch(run, progress, start_time):
             run.wandb.log(record, step=progress.step)
         if metrics["val_acc"] > progress.best_acc:
             progress.best_acc = metrics["val_acc"]
+            if args.keep == "best":
+                atomic_save(model.state_dict(), run.best_path)
+                print(f"  new best validation accuracy -> {run.best_path}")
+        if args.keep == "last":
             atomic_save(model.state_dict(), run.best_path)
-            print(f"  new best validation accuracy -> {run.best_path}")
         if finished_epoch and args.save_interval and progress.epoch % args.save_interval == 0:
             atomic_save(model.state_dict(), run.best_path.parent /
                         f"pcnn_{args.dataset}_epoch_{progress.epoch}.pth")
@@ -610,8 +620,8 @@ def main(args):
         stop_reason = train_epoch(run, progress, start_time)
         end_epoch(run, progress, start_time)
     if run.master:
-        print(f"done: {stop_reason or f'{args.max_epochs} epochs'}; best validation accuracy "
-              f"{100 * progress.best_acc:.2f}% -> {run.best_path}")
+        print(f"done: {stop_reason or f'{args.max_epochs} epochs'}; {args.keep} checkpoint kept, "
+              f"validation accuracy {100 * kept_acc(run, progress):.2f}% -> {run.best_path}")
         if progress.log:
             plot_curves(progress.log, run.run_dir / "curves.png")
             print(f"training curves -> {run.run_dir / 'curves.png'}")
@@ -698,8 +708,12 @@ def build_parser():
                    help="write a sample grid every this many epochs (0: never)")
     p.add_argument("-sb", "--sample_batch_size", type=int, default=16,
                    help="images in each sample grid, split evenly over the classes")
+    p.add_argument("--keep", choices=("best", "last"), default="best",
+                   help="the checkpoint written to --save_dir: the one of best validation "
+                        "accuracy (as training evaluates it, with the class prior trained so "
+                        "far), or the last one (the validation images then choose nothing)")
     p.add_argument("-st", "--save_interval", type=int, default=0,
-                   help="also keep a checkpoint every this many epochs (0: only the best)")
+                   help="also keep a checkpoint every this many epochs (0: only the one --keep names)")
     # machine
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
                    help="auto picks cuda, then mps, then cpu")

@@ -116,8 +116,8 @@ def test_result_lines_start_their_own_line_in_one_log(tmp_path):
     for pattern in [r"training PixelCNN\(.*\) on cpu, [\d.]+M parameters",
                     r"epoch 0\.\d+ step 3: train [\d.]+ bpd, val [\d.]+ bpd, val acc [\d.]+%, .*",
                     rf"  new best validation accuracy -> {re.escape(str(best))}",
-                    rf"done: reached --max_steps 3; best validation accuracy [\d.]+% -> "
-                    rf"{re.escape(str(best))}",
+                    rf"done: reached --max_steps 3; best checkpoint kept, validation accuracy "
+                    rf"[\d.]+% -> {re.escape(str(best))}",
                     rf"training curves -> {re.escape(str(tmp_path / 'curves.png'))}"]:
         assert any(re.fullmatch(pattern, line) for line in lines), (pattern, log)
 
@@ -221,6 +221,27 @@ def test_atomic_save_keeps_the_old_file_when_killed_mid_write(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         pcnn_train.atomic_save({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_keep_last_writes_the_last_ema_weights_and_best_the_best(tmp_path):
+    """--keep last: the checkpoint holds the EMA weights of the run's end, also across a resume;
+    --keep best: the weights of the record with the best validation accuracy."""
+    last, best = tmp_path / "last", tmp_path / "best"
+    for run, keep in ((last, "last"), (best, "best")):
+        for steps in ("2", "4", "6"):
+            proc = train(run, "--max_steps", steps, "--ema", "0.5", "--keep", keep, "--lr", "5e-3",
+                         *(["--resume"] if steps != "2" else []))
+            assert proc.returncode == 0, proc.stderr
+        assert f"done: reached --max_steps 6; {keep} checkpoint kept" in proc.stdout
+    kept, ema = torch.load(last / CHECKPOINT_NAME), load_resume_file(last)["ema"]
+    for name, value in ema.items():
+        assert torch.equal(kept[name], value), name
+    # Under --keep best the kept weights are those of the first record of the best accuracy.
+    accs = [r["val_acc"] for r in log_records(best)]
+    kept = torch.load(best / CHECKPOINT_NAME)
+    ema_end = load_resume_file(best)["ema"]
+    differs = any(not torch.equal(kept[n], v) for n, v in ema_end.items())
+    assert differs == (accs.index(max(accs)) != len(accs) - 1)
 
 
 def test_resume_without_state_is_an_error(tmp_path):
