@@ -2,7 +2,7 @@
 conditional PixelCNN++ (pi: the class prior the checkpoint holds), with the course's interface.
 
     python classification_evaluation.py                          # validation split, models/conditional_pixelcnn.pth
-    python classification_evaluation.py --tta flip               # add log p(mirror(x) | c)
+    python classification_evaluation.py --tta flip               # average with log p(mirror(x) | c)
     python classification_evaluation.py --prior uniform          # ignore the fitted class prior
     python classification_evaluation.py --prior fit --save_checkpoint M.pth   # fit it on train
     python classification_evaluation.py -m test                  # writes submission.csv and logits.npy
@@ -269,7 +269,7 @@ def build_parser():
     p.add_argument("--save_checkpoint", default=None,
                    help="where --prior fit writes the model with its fitted prior")
     p.add_argument("--tta", choices=("none", "flip"), default="none",
-                   help="flip: add the log-likelihoods of the image and its mirror image")
+                   help="flip: average the log-likelihoods of the image and its mirror image")
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast: faster where the hardware has bf16, and log-likelihoods "
                         "rounded (bench.py counts the predictions that change)")

@@ -368,8 +368,10 @@ def dataset_log_likelihoods(model, images, num_classes, batch_size=None, device=
 
     `batch_size` counts images (default: `eval_batch_size(device)`); each batch makes
     batch_size * num_classes network passes at once. The weight-norm weights are computed once for
-    the whole split, not once per batch. tta="flip" adds the log-likelihoods of each image and its
-    mirror image (still the generative classifier: it scores log p(x | c) + log p(mirror(x) | c)).
+    the whole split, not once per batch. tta="flip" averages the log-likelihoods of each image and its
+    mirror image (still the generative classifier: it scores (log p(x | c) + log p(mirror(x) | c)) / 2,
+    on the scale of one image's log-likelihood, so that the class prior, fitted on single images,
+    keeps its weight).
     With an `autocast` (a factory such as `bf16_autocast(device)`), wherever a class lies less
     than `recheck` nats below an image's best class (in log p(x | c) + log pi(c), as
     `bayes_predictions` ranks them), that image's classes within `recheck` of its best are scored
@@ -387,7 +389,7 @@ def dataset_log_likelihoods(model, images, num_classes, batch_size=None, device=
             with autocast():
                 ll = class_log_likelihoods(model, x, num_classes)
                 if tta == "flip":
-                    ll = ll + class_log_likelihoods(model, x.flip(dims=[3]), num_classes)
+                    ll = (ll + class_log_likelihoods(model, x.flip(dims=[3]), num_classes)) / 2
             out.append(ll.float().cpu())
     ll = torch.cat(out)                                                         # (N, num_classes)
     if autocast is not nullcontext and recheck > 0:
@@ -412,7 +414,7 @@ def _pair_log_likelihoods(model, images, pairs, batch_size, device, tta):
             ll = -discretized_mix_logistic_loss(x, model(x, labels), reduction="none")
             if tta == "flip":
                 x = x.flip(dims=[3])
-                ll = ll - discretized_mix_logistic_loss(x, model(x, labels), reduction="none")
+                ll = (ll - discretized_mix_logistic_loss(x, model(x, labels), reduction="none")) / 2
             out.append(ll.float().cpu())
     return torch.cat(out)
 

@@ -233,7 +233,7 @@ def test_test_split_writes_submission_and_flip_logits(checkpoint, model, tmp_pat
     rows = slice(None, None, 8)
     images = load_dataset("cpen455", DATA, "test").images[rows]
     expected = (per_class_log_likelihoods(model, images)
-                + per_class_log_likelihoods(model, images.flip(dims=[3])))
+                + per_class_log_likelihoods(model, images.flip(dims=[3]))) / 2
     np.testing.assert_allclose(logits[rows], expected.numpy(), rtol=1e-5, atol=LL_ATOL)
 
 
@@ -324,7 +324,7 @@ def test_amp_recheck_scores_the_close_calls_in_float32(prior):
                                     recheck=recheck)
     torch.testing.assert_close(mixed[close], fp32[close], rtol=0, atol=LL_ATOL)
     assert torch.equal(mixed[~close], rounded[~close])
-    # with flips too, the rechecked classes get the float32 sum of both passes
+    # with flips too, the rechecked classes get the float32 mean of both passes
     flip_fp32 = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, tta="flip")
     flip_mixed = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, tta="flip",
                                          autocast=bf16, recheck=1e9)
@@ -342,15 +342,21 @@ def test_amp_recheck_needs_finite_nats(value, capsys):
 
 
 @needs_data
-def test_flip_tta_adds_the_mirror_image(model, validation):
+def test_flip_tta_averages_in_the_mirror_image(model, validation):
     x = validation.images[:6]
     plain = per_class_log_likelihoods(model, x)
     mirrored = per_class_log_likelihoods(model, x.flip(dims=[3]))
     tta = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, tta="flip")
-    torch.testing.assert_close(tta.double(), plain + mirrored, rtol=1e-5, atol=LL_ATOL)
+    torch.testing.assert_close(tta.double(), (plain + mirrored) / 2, rtol=1e-5, atol=LL_ATOL)
     none = dataset_log_likelihoods(model, x, NUM_CLASSES, batch_size=4, tta="none")
     torch.testing.assert_close(none.double(), plain, rtol=1e-5, atol=LL_ATOL)
     assert (mirrored - plain).abs().max() > 1, "the mirror images scored like the originals"
+    # on the scale of one image: a mirror-symmetric image scores as itself
+    half = x[:, :, :, : x.shape[3] // 2]
+    symmetric = torch.cat([half, half.flip(dims=[3])], dim=3)
+    torch.testing.assert_close(
+        dataset_log_likelihoods(model, symmetric, NUM_CLASSES, batch_size=4, tta="flip").double(),
+        per_class_log_likelihoods(model, symmetric), rtol=1e-5, atol=LL_ATOL)
 
 
 @needs_data
