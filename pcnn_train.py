@@ -48,11 +48,11 @@ from utils import bayes_predictions, bf16_autocast, bf16_pays, bits_per_dim, \
 PRESETS = {
     "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, fusion="gated_last", batch_size=32,
                 lr=1e-3, warmup_steps=100, lr_decay=0.9998, ema=0.999, dropout=0.1, flip=True,
-                amp=True, disc_weight=1e-3, disc_fraction=0.25, prior_lr=1.0, max_minutes=30.0,
-                max_epochs=1000, sampling_interval=0),
+                amp=True, disc_weight=3e-4, disc_fraction=0.25, prior_lr=1.0, keep="last",
+                max_minutes=30.0, max_epochs=1000, sampling_interval=0),
     "gpu": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10, batch_size=64, lr=1e-3,
                 warmup_steps=200, lr_decay=0.99995, ema=0.999, dropout=0.5, flip=True, amp=True,
-                max_minutes=25.0, max_epochs=1000, sampling_interval=10),
+                keep="last", max_minutes=25.0, max_epochs=1000, sampling_interval=10),
 }
 # --fit_prior scores at most this many training images (all of CPEN455's 4159; a fixed sample of
 # CIFAR-10's 50000): one number per class is fitted, and every image costs a pass per class.
@@ -571,11 +571,14 @@ def end_epoch(run, progress, start_time):
     epoch = (progress.epoch if finished_epoch
              else progress.epoch + progress.batch_index / run.batches_per_epoch)
     images, seconds = progress.trained_images, progress.trained_seconds
+    new_best = metrics["val_acc"] > progress.best_acc
+    progress.best_acc = max(progress.best_acc, metrics["val_acc"])
+    keep = args.keep == "last" or new_best
     record = dict(epoch=epoch, step=progress.step,
                   train_bpd=bits_per_dim(progress.trained_nll / max(images, 1), run.num_dims),
                   **metrics, lr=run.scheduler.get_last_lr()[0], train_seconds=seconds,
                   images_per_s=images / seconds,
-                  elapsed_min=(time.time() - start_time) / 60)
+                  elapsed_min=(time.time() - start_time) / 60, kept=keep)
     progress.log.append(record)
     progress.trained_nll, progress.trained_images, progress.trained_seconds = 0.0, 0, 0.0
     if run.master:   # the other processes hold the same numbers and weights
@@ -586,13 +589,10 @@ def end_epoch(run, progress, start_time):
             f.write(json.dumps(record) + "\n")
         if run.wandb is not None:
             run.wandb.log(record, step=progress.step)
-        if metrics["val_acc"] > progress.best_acc:
-            progress.best_acc = metrics["val_acc"]
-            if args.keep == "best":
-                atomic_save(model.state_dict(), run.best_path)
-                print(f"  new best validation accuracy -> {run.best_path}")
-        if args.keep == "last":
+        if keep:
             atomic_save(model.state_dict(), run.best_path)
+            if args.keep == "best":
+                print(f"  new best validation accuracy -> {run.best_path}")
         if finished_epoch and args.save_interval and progress.epoch % args.save_interval == 0:
             atomic_save(model.state_dict(), run.best_path.parent /
                         f"pcnn_{args.dataset}_epoch_{progress.epoch}.pth")

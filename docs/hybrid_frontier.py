@@ -1,8 +1,10 @@
 """Validation accuracy against validation bits/dim of 30-minute CPU runs, one point per run: the
-checkpoint each run kept (its best validation accuracy, EMA weights) and the bits/dim it logged
-there. Reads every <name>_log.jsonl given, labels each point with <name>, writes one PNG, and
-prints each run's row of the table in docs/experiments.md (images/s over its training time,
-epochs, kept accuracy and its epoch, bits/dim there and at the end):
+checkpoint each run kept (EMA weights; pcnn_train.py --keep: its best validation accuracy or its
+last) and the bits/dim it logged there. Reads every <name>_log.jsonl given, labels each point
+with <name>, writes one PNG, and prints each run's row of the tables in docs/experiments.md
+(images/s over its training time, epochs, kept accuracy as training logged it and its epoch,
+bits/dim there and at the end, and the accuracy with the class prior fitted after training where
+<name>_class_prior.json lies beside the log; the plot shows that one where there is one):
 
     python docs/hybrid_frontier.py results/cpu_preset_1core_log.jsonl results/cpu_plain_ml_1core_log.jsonl \
         results/ablation/*_log.jsonl --out docs/img/hybrid_frontier.png     # one core each
@@ -27,31 +29,43 @@ def read_log(log_path):
 
 
 def kept_checkpoint(log_path):
-    """The record of the checkpoint a run kept: the first with its best validation accuracy (as
-    pcnn_train.py keeps a new best only when strictly better)."""
+    """The record of the checkpoint a run kept: the last one marked `kept`; in logs written before
+    records said so, the first with the best validation accuracy (pcnn_train.py kept a new best
+    only when strictly better)."""
     records = read_log(log_path)
+    if any("kept" in r for r in records):
+        return [r for r in records if r.get("kept")][-1]
     best = max(r["val_acc"] for r in records)
     return next(r for r in records if r["val_acc"] == best)
 
 
+def fitted_prior_accuracy(log_path):
+    """The validation accuracy with the fitted class prior, from the <name>_class_prior.json beside
+    <name>_log.jsonl (pcnn_train.py's class_prior.json), or None where there is none."""
+    path = Path(str(log_path).removesuffix("_log.jsonl") + "_class_prior.json")
+    return json.loads(path.read_text())["val_acc"] if path.is_file() else None
+
+
 def table_row(log_path, name):
-    """The run's row: | `name` | images/s | epochs | accuracy (epoch) | bits/dim kept | at the end |."""
+    """The run's row: | `name` | images/s | epochs | accuracy (epoch) | bits/dim kept | at the end |
+    with the fitted prior |."""
     records, kept = read_log(log_path), kept_checkpoint(log_path)
     seconds = sum(r["train_seconds"] for r in records)
     images_per_s = sum(r["images_per_s"] * r["train_seconds"] for r in records) / seconds
+    fitted = fitted_prior_accuracy(log_path)
     return (f"| `{name}` | {images_per_s:.1f} | {records[-1]['epoch']:.1f} | "
             f"{100 * kept['val_acc']:.2f}% ({kept['epoch']:.1f}) | {kept['val_bpd']:.3f} | "
-            f"{records[-1]['val_bpd']:.3f} |")
+            f"{records[-1]['val_bpd']:.3f} | {'-' if fitted is None else f'{100 * fitted:.2f}%'} |")
 
 
 def main(args):
     fig, ax = plt.subplots(figsize=(7, 5))
     placed = []                                           # (bits/dim, accuracy) of each point
     for path in args.logs:
-        record = kept_checkpoint(path)
+        record, fitted = kept_checkpoint(path), fitted_prior_accuracy(path)
         name = Path(path).name.removesuffix("_log.jsonl")
-        point = (record["val_bpd"], 100 * record["val_acc"])
-        ax.scatter(*point, color="C0")
+        point = (record["val_bpd"], 100 * (record["val_acc"] if fitted is None else fitted))
+        ax.scatter(*point, color="C0", marker="o" if fitted is None else "s")
         # a label goes below its point when an earlier point sits close by at the same height or
         # above, where this label would run into that one
         crowded = any(abs(point[0] - b) < 0.05 and 0 <= a - point[1] < 1.0 for b, a in placed)
@@ -60,7 +74,7 @@ def main(args):
         placed.append(point)
         print(table_row(path, name))
     ax.set_xlabel("validation bits/dim of the kept checkpoint (lower is better)")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel("validation accuracy (%): squares with the fitted class prior")
     ax.set_title("30-minute CPU runs")
     ax.grid(alpha=0.3)
     ax.margins(x=0.2, y=0.1)          # room for the labels

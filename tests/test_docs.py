@@ -102,9 +102,10 @@ def test_readme_says_which_submission_form_is_which():
 
 
 def test_hybrid_frontier_plots_the_checkpoint_each_run_kept(tmp_path):
-    """docs/hybrid_frontier.py takes a run's first record with its best accuracy (training keeps a
-    new best only when strictly better), prints the run's table row with images/s over its whole
-    training time, and writes one PNG for the committed logs."""
+    """docs/hybrid_frontier.py takes the last record marked kept, or in older logs the first with
+    the best accuracy (training kept a new best only when strictly better), prints the run's table
+    row with images/s over its whole training time and the fitted prior's accuracy where its
+    class_prior.json lies beside the log, and writes one PNG for the committed logs."""
     sys.path.insert(0, str(REPO / "docs"))
     try:
         from hybrid_frontier import kept_checkpoint, table_row
@@ -117,7 +118,15 @@ def test_hybrid_frontier_plots_the_checkpoint_each_run_kept(tmp_path):
                            for e, (a, b, t, ips) in enumerate(rows)))
     assert kept_checkpoint(log)["val_bpd"] == 5.5
     # 380 images in 100 s of training: 3.8 images/s, not the mean of the records' rates.
-    assert table_row(log, "run") == "| `run` | 3.8 | 4.0 | 70.00% (2.0) | 5.500 | 4.900 |"
+    assert table_row(log, "run") == "| `run` | 3.8 | 4.0 | 70.00% (2.0) | 5.500 | 4.900 | - |"
+    # --keep last marks every record kept; --keep best the new bests
+    for marks, bpd in (([True] * 4, 4.9), ([True, True, False, False], 5.5)):
+        log.write_text("".join(json.dumps(dict(epoch=e + 1, val_acc=a, val_bpd=b, train_seconds=t,
+                                               images_per_s=ips, kept=k)) + "\n"
+                               for e, ((a, b, t, ips), k) in enumerate(zip(rows, marks))))
+        assert kept_checkpoint(log)["val_bpd"] == bpd
+    (tmp_path / "run_class_prior.json").write_text(json.dumps(dict(val_acc=0.8123)))
+    assert table_row(log, "run").endswith("| 5.500 | 4.900 | 81.23% |")
 
     logs = sorted(str(p) for p in (REPO / "results").rglob("*_log.jsonl"))
     out = tmp_path / "frontier.png"
