@@ -181,11 +181,11 @@ def evaluate(model, data, args, device, autocast, rank, world_size):
                 val_acc=(bayes_predictions(model, ll) == labels).float().mean().item())
 
 
-def kept_acc(run, progress):
-    """Validation accuracy, as training logged it, of the checkpoint --keep kept."""
-    if run.args.keep == "last":
-        return progress.log[-1]["val_acc"] if progress.log else -1.0
-    return progress.best_acc
+def kept_acc(progress):
+    """Validation accuracy, as training logged it, of the checkpoint kept: the last record marked
+    `kept` (-1 before any)."""
+    kept = [r["val_acc"] for r in progress.log if r.get("kept")]
+    return kept[-1] if kept else -1.0
 
 
 def fit_prior(run, progress):
@@ -201,7 +201,7 @@ def fit_prior(run, progress):
     val_acc = evaluate(model, run.val, args, run.device, run.autocast, 0, 1)["val_acc"]
     atomic_save(model.state_dict(), run.best_path)
     result = dict(class_log_prior=model.class_log_prior.tolist(), train_images=n,
-                  val_acc_before_fit=kept_acc(run, progress), val_acc=val_acc,
+                  val_acc_before_fit=kept_acc(progress), val_acc=val_acc,
                   seconds=time.time() - start)
     (run.run_dir / "class_prior.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -621,7 +621,7 @@ def main(args):
         end_epoch(run, progress, start_time)
     if run.master:
         print(f"done: {stop_reason or f'{args.max_epochs} epochs'}; {args.keep} checkpoint kept, "
-              f"validation accuracy {100 * kept_acc(run, progress):.2f}% -> {run.best_path}")
+              f"validation accuracy {100 * kept_acc(progress):.2f}% -> {run.best_path}")
         if progress.log:
             plot_curves(progress.log, run.run_dir / "curves.png")
             print(f"training curves -> {run.run_dir / 'curves.png'}")
@@ -713,7 +713,8 @@ def build_parser():
                         "accuracy (as training evaluates it, with the class prior trained so "
                         "far), or the last one (the validation images then choose nothing)")
     p.add_argument("-st", "--save_interval", type=int, default=0,
-                   help="also keep a checkpoint every this many epochs (0: only the one --keep names)")
+                   help="also keep a checkpoint every this many epochs (0: only the one --keep "
+                        "names)")
     # machine
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
                    help="auto picks cuda, then mps, then cpu")

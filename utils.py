@@ -369,10 +369,10 @@ def dataset_log_likelihoods(model, images, num_classes, batch_size=None, device=
 
     `batch_size` counts images (default: `eval_batch_size(device)`); each batch makes
     batch_size * num_classes network passes at once. The weight-norm weights are computed once for
-    the whole split, not once per batch. tta="flip" averages the log-likelihoods of each image and its
-    mirror image (still the generative classifier: it scores (log p(x | c) + log p(mirror(x) | c)) / 2,
-    on the scale of one image's log-likelihood, so that the class prior, fitted on single images,
-    keeps its weight).
+    the whole split, not once per batch. tta="flip" averages the log-likelihoods of each image and
+    its mirror image (still the generative classifier: it scores
+    (log p(x | c) + log p(mirror(x) | c)) / 2, on the scale of one image's log-likelihood, so that
+    the class prior, fitted on single images, keeps its weight).
     With an `autocast` (a factory such as `bf16_autocast(device)`), wherever a class lies less
     than `recheck` nats below an image's best class (in log p(x | c) + log pi(c), as
     `bayes_predictions` ranks them), that image's classes within `recheck` of its best are scored
