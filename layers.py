@@ -12,6 +12,8 @@ Conditioning (gated residual fusion): `GatedResNet` takes an optional per-sample
 shift of the hidden features (Perez et al. 2018).
 """
 
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -235,6 +237,31 @@ class NIN(nn.Module):
         return conv_at_one_position(self.conv, x) if x.shape[2:] == (1, 1) else self.conv(x)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout with a cheaper mask on a CPU.
+
+    F.dropout draws one random number per element, and on a CPU that draw is serial: a fifth of
+    the CPU preset's training step. Here each 64-bit draw is cut into four 16-bit uniforms, so the
+    mask costs a quarter of the draws. An element is kept when its uniform is at least
+    k = round(p * 65536) out of 65536 values, so an element is dropped with probability
+    k / 65536 (p to within 8e-6), and the kept ones are divided by 1 - k / 65536, the mask in x's
+    dtype, as F.dropout does on a CPU. Elsewhere (CUDA, a big-endian CPU, p = 1) and in eval mode
+    this is F.dropout.
+    """
+
+    def forward(self, x):
+        if (not self.training or self.p in (0, 1) or x.device.type != "cpu"
+                or sys.byteorder != "little"):
+            return F.dropout(x, self.p, self.training)
+        k = round(self.p * 65536)
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+        words.random_(-2 ** 63, None)                            # all 64 bits uniform
+        u = words.view(torch.int16)[:n].view(x.shape)           # uniform on -32768 .. 32767
+        keep = (u >= k - 32768).to(x.dtype).div_(1 - k / 65536)   # as F.dropout scales its mask
+        return x * keep
+
+
 class GatedResNet(nn.Module):
     """The PixelCNN++ gated residual block, with optional class conditioning.
 
@@ -259,7 +286,7 @@ class GatedResNet(nn.Module):
             raise ValueError(f"GatedResNet fusion must be 'gated' or 'film', got {fusion!r}")
         self.conv_input = conv(2 * nr_filters, nr_filters)
         self.nin_skip = NIN(2 * skip_channels, nr_filters) if skip_channels else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv_out = conv(2 * nr_filters, 2 * nr_filters)
         self.cond_proj = None
         if cond_dim is not None:

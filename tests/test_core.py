@@ -15,8 +15,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from layers import NIN, GatedResNet, _ShiftedConv2d, _ShiftedDeconv2d
+from layers import NIN, Dropout, GatedResNet, _ShiftedConv2d, _ShiftedDeconv2d
 from model import FUSION_MODES, PixelCNN
 from utils import (bits_per_dim, class_log_likelihoods, discretized_mix_logistic_loss, quantize,
                    sample, sample_from_discretized_mix_logistic)
@@ -459,6 +460,37 @@ def test_dropout_is_not_architecture():
     x = grid_images(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(other(x, torch.tensor([2])), saved(x, torch.tensor([2])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_draws_what_f_dropout_draws(p, dtype):
+    """The CPU mask (four 16-bit uniforms per 64-bit draw) against F.dropout's distribution: each
+    of the four lanes of a draw drops at rate p, and neighbours (3 in 4 within a draw, 1 in 4
+    across) both drop at rate p^2, within 5 standard errors; the kept elements are x / (1 - p) to
+    the dtype's rounding; the gradient is the mask; the same seed draws the same mask."""
+    n = 4 * 100_000 + 3                                  # not a multiple of the four lanes
+    x = (torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype)
+    x.requires_grad_()
+    layer = Dropout(p).train()
+    torch.manual_seed(0)
+    out = layer(x)
+    dropped = out == 0
+    lanes = dropped[:n // 4 * 4].view(-1, 4).double().mean(dim=0)          # (4,)
+    assert ((lanes - p).abs() < 5 * math.sqrt(p * (1 - p) / (n // 4))).all(), lanes
+    both = (dropped[:-1] & dropped[1:]).double().mean()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / (n - 1)), both
+    reference = F.dropout(x.detach(), p)                 # F.dropout's scale of the kept elements
+    tol = dict(rtol=1e-2, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=0)
+    torch.testing.assert_close(out[~dropped], (x / (1 - p))[~dropped].detach(), **tol)
+    torch.testing.assert_close(reference[reference != 0], (x / (1 - p))[reference != 0].detach(), **tol)
+    out.sum().backward()
+    assert torch.equal(x.grad == 0, dropped)
+    torch.testing.assert_close(x.grad[~dropped], torch.full_like(x.grad[~dropped], 1 / (1 - p)), **tol)
+    torch.manual_seed(0)
+    assert torch.equal(layer(x.detach()), out.detach())
+    assert layer(x.detach().view(1, -1)).shape == (1, n)
+    assert torch.equal(layer.eval()(x.detach()), x.detach())
 
 
 @pytest.mark.parametrize("bad", [dict(fusion="concat"), dict(input_channels=2)])
