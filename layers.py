@@ -245,13 +245,13 @@ class Dropout(nn.Dropout):
     mask costs a quarter of the draws. An element is kept when its uniform is at least
     k = round(p * 65536) out of 65536 values, so an element is dropped with probability
     k / 65536 (p to within 8e-6), and the kept ones are divided by 1 - k / 65536, the mask in x's
-    dtype, as F.dropout does on a CPU. Elsewhere (CUDA, a big-endian CPU, p = 1) and in eval mode
-    this is F.dropout.
+    dtype, as F.dropout does on a CPU. Elsewhere (CUDA, a big-endian CPU, p = 1), in eval mode and
+    under torch.compile (which fuses F.dropout's draws) this is F.dropout.
     """
 
     def forward(self, x):
         if (not self.training or self.p in (0, 1) or x.device.type != "cpu"
-                or sys.byteorder != "little"):
+                or sys.byteorder != "little" or torch.compiler.is_compiling()):
             return F.dropout(x, self.p, self.training)
         k = round(self.p * 65536)
         n = x.numel()

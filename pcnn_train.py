@@ -89,21 +89,21 @@ def atomic_write_lines(lines, path):
 class EMA:
     """Exponential moving average of the model's floating-point state (weights and buffers).
 
-    The decay warms up as min(decay, (1 + step) / (warmup + step)), with warmup 10 as
-    TensorFlow's ExponentialMovingAverage does with num_updates: with a fixed 0.999 a 30-minute
-    CPU run of ~2000 steps would still hold a seventh of its random initialisation. The warm-up
-    reaches 0.999 only at step 999 * warmup - 1000 (8990 for 10), so in shorter runs it alone
-    sets the average, over roughly the last 1 / (warmup - 1) of the steps.
+    The decay warms up as min(decay, (1 + step) / (10 + step)), as TensorFlow's
+    ExponentialMovingAverage does with num_updates: with a fixed 0.999 a 30-minute CPU run of
+    ~2000 steps would still hold a seventh of its random initialisation. The warm-up reaches
+    0.999 only at step 8990, so in shorter runs it alone sets the average, over roughly the last
+    ninth of the steps (a longer window, the last third, measured worse: docs/experiments.md).
     """
 
-    def __init__(self, model, decay, warmup=10):
-        self.decay, self.warmup = decay, warmup
+    def __init__(self, model, decay):
+        self.decay = decay
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()
                       if torch.is_tensor(v) and v.is_floating_point()}
 
     @torch.no_grad()
     def update(self, model, step):
-        decay = min(self.decay, (1 + step) / (self.warmup + step))
+        decay = min(self.decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
             if k in self.state:
                 self.state[k].lerp_(v, 1 - decay)
@@ -371,7 +371,7 @@ def setup(args):
     return Run(args=args, rank=rank, world_size=world_size, device=device,
                autocast=bf16_autocast(device, use_amp), train=train, val=val, model=model,
                fwd_model=fwd_model, optimizer=optimizer, scheduler=scheduler,
-               ema=EMA(model, args.ema, args.ema_warmup) if args.ema > 0 else None,
+               ema=EMA(model, args.ema) if args.ema > 0 else None,
                data_gen=torch.Generator().manual_seed(args.seed), run_dir=run_dir,
                best_path=save_dir / CHECKPOINT_NAME, wandb=wandb)
 
@@ -673,10 +673,6 @@ def build_parser():
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="decay of the weights' exponential moving average (0: off)")
-    p.add_argument("--ema_warmup", type=float, default=10.0,
-                   help="the EMA's decay is min(--ema, (1 + step) / (ema_warmup + step)): before "
-                        "step 999 * ema_warmup - 1000 it averages about the last "
-                        "1 / (ema_warmup - 1) of the steps")
     p.add_argument("--prior_lr", type=float, default=0.0,
                    help="train the class prior log pi(c) inside the hybrid term's posterior "
                         "softmax_c(log p(x | c) + log pi(c)), by gradient steps of this many nats "
