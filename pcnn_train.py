@@ -113,10 +113,15 @@ class EMA:
         return {k: self.state.get(k, v) for k, v in model.state_dict().items()}
 
 
-def lr_factor(step, warmup_steps, lr_decay):
-    """Linear warm-up over `warmup_steps` optimizer steps, then lr_decay ** step, per step."""
+def lr_factor(step, warmup_steps, lr_decay, budget_used=0.0, cooldown=0.0):
+    """The learning rate of optimizer step `step` (0-based), as a fraction of --lr: a linear
+    warm-up over `warmup_steps` steps, times lr_decay ** step, times a cooldown that falls
+    linearly to zero over the last `cooldown` fraction of the run's budget, of which
+    `budget_used` (in [0, 1]) is spent (0: no cooldown). Ending at zero is what budgeted training
+    gains from most (Li et al. 2020; Hägele et al. 2024)."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    return warm * lr_decay ** step
+    cool = min(1.0, max(0.0, (1.0 - budget_used) / cooldown)) if cooldown > 0 else 1.0
+    return warm * lr_decay ** step * cool
 
 
 def training_pass(model, x, y, num_classes, m, label_only_model=None):
@@ -241,7 +246,7 @@ def plot_curves(log, path):
 @dataclass
 class Run:
     """What one training process sets up once and every step reads: its place among the
-    processes, the device, the data, the model with its optimizer, schedule and EMA, and the files
+    processes, the device, the data, the model with its optimizer and EMA, and the files
     it writes."""
     args: argparse.Namespace
     rank: int
@@ -253,7 +258,6 @@ class Run:
     model: PixelCNN                 # the bare model: EMA, checkpoints and evaluation use it
     fwd_model: torch.nn.Module      # what the training step calls: compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
     ema: EMA | None
     data_gen: torch.Generator       # epoch order and flips, saved on resume
     run_dir: Path
@@ -290,7 +294,7 @@ class Run:
 
 @dataclass
 class Progress:
-    """Where the run stands. With the weights, optimizer, schedule, EMA and random generators it
+    """Where the run stands. With the weights, optimizer, EMA and random generators it
     is what resume.pt holds."""
     epoch: int = 0                  # epochs finished
     batch_index: int = 0            # batches of the current epoch finished
@@ -306,7 +310,7 @@ class Progress:
 
 
 def setup(args):
-    """Processes, device, data, model, optimizer, schedule, EMA, output folders and wandb: the Run
+    """Processes, device, data, model, optimizer, EMA, output folders and wandb: the Run
     the other steps share. Bad flags and bad data exit with a one-line error."""
     # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without it this is the only process.
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -358,8 +362,6 @@ def setup(args):
     if ddp:   # before the EMA copies the weights: wrapping broadcasts rank 0's
         fwd_model = DDP(fwd_model, device_ids=[local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, args.warmup_steps, args.lr_decay))
 
     run_dir, save_dir = Path(args.run_dir), Path(args.save_dir)
     for folder in (run_dir, save_dir, Path(args.sample_dir)):
@@ -370,14 +372,14 @@ def setup(args):
         wandb.init(project="cpen455-pixelcnn", config=vars(args), name=args.tag, resume="allow")
     return Run(args=args, rank=rank, world_size=world_size, device=device,
                autocast=bf16_autocast(device, use_amp), train=train, val=val, model=model,
-               fwd_model=fwd_model, optimizer=optimizer, scheduler=scheduler,
+               fwd_model=fwd_model, optimizer=optimizer,
                ema=EMA(model, args.ema) if args.ema > 0 else None,
                data_gen=torch.Generator().manual_seed(args.seed), run_dir=run_dir,
                best_path=save_dir / CHECKPOINT_NAME, wandb=wandb)
 
 
 def load_resume(run):
-    """Put the weights, optimizer, schedule, EMA, data order and random generators back as
+    """Put the weights, optimizer, EMA, data order and random generators back as
     <run_dir>/resume.pt holds them; returns the Progress it holds."""
     path = run.resume_path
     if not path.exists():
@@ -388,7 +390,6 @@ def load_resume(run):
                  f"but the flags build PixelCNN({run.model.config})")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
     if run.ema is not None:
         run.ema.state = {k: v.to(run.device) for k, v in ckpt["ema"].items()}
     run.data_gen.set_state(ckpt["data_gen"])
@@ -430,7 +431,6 @@ def save_resume(run, progress, start_time):
         dist.all_gather_object(rngs, rng)
     if run.master:
         atomic_save(dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
-                         scheduler=run.scheduler.state_dict(),
                          ema=run.ema.state if run.ema is not None else None,
                          data_gen=run.data_gen.get_state(), rng=[r for r, _ in rngs],
                          cuda_rng=[c for _, c in rngs], **asdict(progress), args=vars(run.args)),
@@ -481,7 +481,6 @@ def train_step(run, x, y, progress):
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
     run.optimizer.step()
-    run.scheduler.step()
     if logits is not None and args.prior_lr > 0:
         step_class_prior(run, logits.detach().float(), y[:m])
     if run.ema is not None:
@@ -503,13 +502,41 @@ def step_class_prior(run, logits, y):
     prior.copy_(torch.log_softmax(prior - run.args.prior_lr * grad, dim=0))
 
 
+def rank0_value(run, value):
+    """Rank 0's value of a number that reads the clock, on every process: clocks differ between
+    processes, and all of them must stop, checkpoint and set the learning rate alike."""
+    if not run.ddp:
+        return value
+    value = torch.tensor(float(value), device=run.device)
+    dist.broadcast(value, src=0)
+    return value.item()
+
+
 def rank0_decides(run, flag):
-    """Rank 0's value of a flag that reads the clock, on every process: clocks differ between
-    processes, and all of them must stop or checkpoint at the same step."""
-    flag = torch.tensor(bool(flag), device=run.device)
-    if run.ddp:
-        dist.broadcast(flag, src=0)
-    return bool(flag)
+    """Rank 0's value of a flag that reads the clock, on every process (see rank0_value)."""
+    return bool(rank0_value(run, bool(flag)))
+
+
+def budget_used(run, step, start_time):
+    """The fraction of the run spent after `step` optimizer steps: of --max_steps, of
+    --max_minutes since start_time, or of --max_epochs, whichever ends the run first."""
+    args = run.args
+    used = step / (args.max_epochs * run.batches_per_epoch)
+    if args.max_steps:
+        used = max(used, step / args.max_steps)
+    if args.max_minutes:
+        used = max(used, rank0_value(run, (time.time() - start_time) / (60 * args.max_minutes)))
+    return used
+
+
+def set_learning_rate(run, step, start_time):
+    """Set the optimizer's rate for step `step` (0-based) by lr_factor; returns it."""
+    args = run.args
+    used = budget_used(run, step, start_time) if args.lr_cooldown > 0 else 0.0
+    lr = args.lr * lr_factor(step, args.warmup_steps, args.lr_decay, used, args.lr_cooldown)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def stop_reason_after(run, step, start_time):
@@ -535,6 +562,7 @@ def train_epoch(run, progress, start_time):
         for i in bar:
             step_start = time.time()
             x, y = next_batch(run, progress.perm, i)
+            lr = set_learning_rate(run, progress.step, start_time)
             mean_nll, loss_value, sum_nll = train_step(run, x, y, progress)
             progress.step, progress.batch_index = progress.step + 1, i + 1
 
@@ -542,11 +570,11 @@ def train_epoch(run, progress, start_time):
             progress.trained_nll += sum_nll
             progress.trained_images += args.batch_size
             progress.trained_seconds += time.time() - step_start
-            bar.set_postfix(bpd=f"{batch_bpd:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(bpd=f"{batch_bpd:.3f}", lr=f"{lr:.2e}")
             if run.master:
                 with open(run.run_dir / "steps.csv", "a") as f:
                     f.write(f"{progress.step},{progress.epoch + 1},{batch_bpd:.6f},"
-                            f"{loss_value:.8f}\n")
+                            f"{loss_value:.8f},{lr:.6e}\n")
             stop_reason = stop_reason_after(run, progress.step, start_time)
             if stop_reason:
                 break
@@ -578,7 +606,7 @@ def end_epoch(run, progress, start_time):
     keep = args.keep == "last" or new_best
     record = dict(epoch=epoch, step=progress.step,
                   train_bpd=bits_per_dim(progress.trained_nll / max(images, 1), run.num_dims),
-                  **metrics, lr=run.scheduler.get_last_lr()[0], train_seconds=seconds,
+                  **metrics, lr=run.optimizer.param_groups[0]["lr"], train_seconds=seconds,
                   images_per_s=images / seconds,
                   elapsed_min=(time.time() - start_time) / 60, kept=keep)
     progress.log.append(record)
@@ -670,6 +698,10 @@ def build_parser():
                    help="learning rate multiplied by this after every optimizer step (not epoch)")
     p.add_argument("--warmup_steps", type=int, default=0,
                    help="linear learning-rate warm-up over this many optimizer steps")
+    p.add_argument("--lr_cooldown", type=float, default=0.0,
+                   help="fraction of the run (of --max_minutes, --max_steps or --max_epochs, "
+                        "whichever ends it first) over whose end the learning rate falls "
+                        "linearly to zero (0: off)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="decay of the weights' exponential moving average (0: off)")
@@ -738,6 +770,8 @@ def parse_args(argv=None):
     if args.preset:
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)
+    if not 0 <= args.lr_cooldown <= 1:
+        parser.error(f"--lr_cooldown is a fraction of the run in [0, 1], got {args.lr_cooldown}")
     if not 0 <= args.prior_lr < math.inf:
         parser.error(f"--prior_lr needs a step in nats >= 0, got {args.prior_lr}")
     return args

@@ -45,8 +45,8 @@ def train(run_dir, nproc, *extra):
 
 
 def steps(run_dir):
-    """steps.csv as rows (step, epoch, batch_bpd, objective)."""
-    return [(int(s), int(e), float(bpd), float(obj)) for s, e, bpd, obj in
+    """steps.csv as rows (step, epoch, batch_bpd, objective, learning rate)."""
+    return [(int(s), int(e), float(bpd), float(obj), float(lr)) for s, e, bpd, obj, lr in
             (line.split(",") for line in (run_dir / "steps.csv").read_text().splitlines())]
 
 
@@ -54,9 +54,12 @@ def steps(run_dir):
 def runs(tmp_path_factory):
     """The same 4 steps of global batch 8, in one process and in two. The high learning rate makes
     a step on one process's gradient alone visible in the next step's loss. A checkpoint after
-    every step: the processes must write it together, at the same steps, and train on after it."""
+    every step: the processes must write it together, at the same steps, and train on after it.
+    A cooldown over the last half of the run, which --max_steps ends first: --max_minutes makes
+    every step read rank 0's clock as well."""
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    flags = ["--batch_size", "8", "--max_steps", "4", "--lr", "5e-3", "--checkpoint_minutes", "1e-9"]
+    flags = ["--batch_size", "8", "--max_steps", "4", "--lr", "5e-3", "--checkpoint_minutes", "1e-9",
+             "--lr_decay", "1", "--lr_cooldown", "0.5", "--max_minutes", "600"]
     return {1: (one, train(one, 1, *flags)), 2: (two, train(two, 2, *flags))}
 
 
@@ -66,6 +69,7 @@ def test_two_processes_train_like_one(runs):
     assert proc2.returncode == 0, proc2.stderr
     rows1, rows2 = steps(one), steps(two)
     assert [r[:2] for r in rows2] == [r[:2] for r in rows1] == [(s, 1) for s in range(1, 5)]
+    assert [r[4] for r in rows2] == [r[4] for r in rows1] == [5e-3, 5e-3, 5e-3, 2.5e-3]
     # Summing in another order moves these by ~1e-7; without DDP's gradient averaging (each process
     # stepping on its own half batch) they move by ~5e-4 from step 2 on.
     for r1, r2 in zip(rows1, rows2):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -302,6 +303,37 @@ def test_lr_schedule_is_per_step():
     assert pcnn_train.lr_factor(10, 0, decay) == pytest.approx(decay ** 10)
     assert pcnn_train.lr_factor(0, 4, 1.0) == pytest.approx(0.25)
     assert pcnn_train.lr_factor(3, 4, 1.0) == pytest.approx(1.0)
+    # The cooldown multiplies: over the last fifth of the budget the rate falls linearly to zero.
+    for used, cool in ((0.0, 1.0), (0.8, 1.0), (0.9, 0.5), (0.95, 0.25), (1.0, 0.0), (1.2, 0.0)):
+        assert pcnn_train.lr_factor(10, 4, decay, used, 0.2) == pytest.approx(decay ** 10 * cool)
+
+
+def test_lr_cooldown_ends_the_run_at_zero(tmp_path):
+    """--lr_cooldown 0.5 of --max_steps 8: steps.csv logs the rate of each step, --lr for steps
+    1-5 (step 5 starts with half the budget left), then 3/4, 1/2 and 1/4 of it."""
+    proc = train(tmp_path, "--max_steps", "8", "--lr", "1e-3", "--lr_decay", "1",
+                 "--warmup_steps", "0", "--lr_cooldown", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(",") for line in (tmp_path / "steps.csv").read_text().splitlines()]
+    assert [int(r[0]) for r in rows] == list(range(1, 9))
+    expected = [1e-3] * 5 + [0.75e-3, 0.5e-3, 0.25e-3]
+    assert [float(r[4]) for r in rows] == pytest.approx(expected)
+    assert log_records(tmp_path)[-1]["lr"] == pytest.approx(0.25e-3)
+
+
+def test_budget_used_is_the_part_of_the_run_that_ends_it_first():
+    """Of --max_steps, of --max_minutes on the clock, or of --max_epochs: the largest."""
+    def budget(step, minutes_ago=0.0, **flags):
+        args = SimpleNamespace(**dict(max_steps=0, max_minutes=0.0, max_epochs=10) | flags)
+        run = SimpleNamespace(args=args, batches_per_epoch=100, ddp=False)
+        return pcnn_train.budget_used(run, step, time.time() - 60 * minutes_ago)
+
+    assert budget(250) == pytest.approx(0.25)                         # of 10 epochs of 100
+    assert budget(250, max_steps=500) == pytest.approx(0.5)
+    assert budget(250, minutes_ago=3, max_steps=500, max_minutes=4) == pytest.approx(0.75, abs=0.01)
+    assert budget(250, minutes_ago=1, max_steps=500, max_minutes=4) == pytest.approx(0.5)
+    with pytest.raises(SystemExit):
+        pcnn_train.parse_args(["--lr_cooldown", "1.5"])
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
