@@ -5,9 +5,10 @@
     python pcnn_train.py --preset cpu --resume              # continue exactly where it stopped
     torchrun --nproc_per_node=8 pcnn_train.py --preset gpu  # 8 GPUs, DistributedDataParallel
 
-Each epoch prints train bits/dim, validation bits/dim, the validation accuracy of the Bayes
-classifier argmax_c log p(x | c) + log pi(c) (pi uniform unless --prior_lr trains it), wall time
-and images/s, and appends the same to `<run_dir>/log.jsonl`. The best model by validation
+Every --eval_interval epochs, and when the run ends, it prints train bits/dim, validation
+bits/dim, the validation accuracy of the Bayes classifier argmax_c log p(x | c) + log pi(c) (pi
+uniform unless --prior_lr trains it), wall time and images/s, and appends the same to
+`<run_dir>/log.jsonl`. The best model by validation
 accuracy (EMA weights when --ema is on) goes to `<save_dir>/conditional_pixelcnn.pth`;
 `<run_dir>/resume.pt`, written at every epoch end and every --checkpoint_minutes of training,
 holds everything --resume needs to continue exactly, mid-epoch too: a killed run loses at most
@@ -47,9 +48,10 @@ from utils import bayes_predictions, bf16_autocast, bf16_pays, bits_per_dim, \
 # Presets set defaults; any flag given on the command line still wins.
 PRESETS = {
     "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, fusion="gated_last", batch_size=32,
-                lr=1e-3, warmup_steps=100, lr_decay=0.9998, ema=0.999, dropout=0.1, flip=True,
-                amp=True, disc_weight=3e-4, disc_fraction=0.25, prior_lr=1.0, keep="last",
-                max_minutes=30.0, max_epochs=1000, sampling_interval=0),
+                lr=1e-3, warmup_steps=100, lr_decay=0.9998, lr_cooldown=0.5, ema=0.999,
+                dropout=0.1, flip=True, amp=True, disc_weight=3e-4, disc_fraction=0.25,
+                prior_lr=1.0, keep="last", eval_interval=4, max_minutes=30.0, max_epochs=1000,
+                sampling_interval=0),
     "gpu": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10, batch_size=64, lr=1e-3,
                 warmup_steps=200, lr_decay=0.99995, ema=0.999, dropout=0.5, flip=True, amp=True,
                 keep="last", max_minutes=25.0, max_epochs=1000, sampling_interval=10),
@@ -585,18 +587,10 @@ def train_epoch(run, progress, start_time):
     return stop_reason
 
 
-def end_epoch(run, progress, start_time):
-    """After an epoch, or the part of one a stop left: validate (the EMA weights when EMA is on:
-    they are what gets saved), log what the steps since the last record trained, write the
-    checkpoint --keep names, save samples on schedule, and write resume.pt."""
+def log_validation(run, progress, start_time, model, finished_epoch):
+    """Validate `model`, append a record of it and of what the steps since the last record
+    trained to log.jsonl, and write it as the checkpoint when --keep says so."""
     args = run.args
-    finished_epoch = progress.batch_index == run.batches_per_epoch
-    if finished_epoch:
-        progress.epoch, progress.batch_index, progress.perm = progress.epoch + 1, 0, None
-    model, ema = run.model, run.ema
-    live = copy.deepcopy(model.state_dict()) if ema is not None else None
-    if ema is not None:
-        model.load_state_dict(ema.state_dict_of(model))
     metrics = evaluate(model, run.val, args, run.device, run.autocast, run.rank, run.world_size)
     epoch = (progress.epoch if finished_epoch
              else progress.epoch + progress.batch_index / run.batches_per_epoch)
@@ -623,10 +617,32 @@ def end_epoch(run, progress, start_time):
             atomic_save(model.state_dict(), run.best_path)
             if args.keep == "best":
                 print(f"  new best validation accuracy -> {run.best_path}")
-        if finished_epoch and args.save_interval and progress.epoch % args.save_interval == 0:
+
+
+def end_epoch(run, progress, start_time, final):
+    """After an epoch, or the part of one a stop left (final: the run ends there): every
+    --eval_interval epochs and at the end, validate and log (log_validation; the EMA weights when
+    EMA is on: they are what gets saved); save numbered checkpoints and samples on schedule; write
+    resume.pt."""
+    args = run.args
+    finished_epoch = progress.batch_index == run.batches_per_epoch
+    if finished_epoch:
+        progress.epoch, progress.batch_index, progress.perm = progress.epoch + 1, 0, None
+
+    def due(interval):
+        return finished_epoch and interval > 0 and progress.epoch % interval == 0
+
+    model, ema = run.model, run.ema
+    live = copy.deepcopy(model.state_dict()) if ema is not None else None
+    if ema is not None:
+        model.load_state_dict(ema.state_dict_of(model))
+    if final or progress.epoch >= args.max_epochs or due(args.eval_interval):
+        log_validation(run, progress, start_time, model, finished_epoch)
+    if run.master:
+        if due(args.save_interval):
             atomic_save(model.state_dict(), run.best_path.parent /
                         f"pcnn_{args.dataset}_epoch_{progress.epoch}.pth")
-        if finished_epoch and args.sampling_interval and progress.epoch % args.sampling_interval == 0:
+        if due(args.sampling_interval):
             n = max(1, args.sample_batch_size // run.train.num_classes)
             save_sample_grid(model, run.train.num_classes, n, tuple(run.train.images.shape[1:]),
                              Path(args.sample_dir) / f"{args.tag}_epoch_{progress.epoch}.png",
@@ -648,7 +664,7 @@ def main(args):
     stop_reason = stop_reason_after(run, progress.step, start_time)   # a resume may have no time left
     while progress.epoch < args.max_epochs and stop_reason is None:
         stop_reason = train_epoch(run, progress, start_time)
-        end_epoch(run, progress, start_time)
+        end_epoch(run, progress, start_time, final=stop_reason is not None)
     if run.master:
         print(f"done: {stop_reason or f'{args.max_epochs} epochs'}; {args.keep} checkpoint kept, "
               f"validation accuracy {100 * kept_acc(progress):.2f}% -> {run.best_path}")
@@ -738,6 +754,10 @@ def build_parser():
     p.add_argument("--eval_batch_size", type=int, default=None,
                    help="validation images per batch (times the number of classes per pass); "
                         "default: 8 on a CPU, 32 elsewhere")
+    p.add_argument("--eval_interval", type=int, default=1,
+                   help="validate, log and write the --keep checkpoint every this many epochs, "
+                        "and when the run ends (0: at the end only); a record of log.jsonl "
+                        "covers the epochs since the last")
     p.add_argument("-c", "--sampling_interval", type=int, default=5,
                    help="write a sample grid every this many epochs (0: never)")
     p.add_argument("-sb", "--sample_batch_size", type=int, default=16,
@@ -770,6 +790,8 @@ def parse_args(argv=None):
     if args.preset:
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)
+    if args.eval_interval < 0:
+        parser.error(f"--eval_interval counts epochs (0: at the end only), got {args.eval_interval}")
     if not 0 <= args.lr_cooldown <= 1:
         parser.error(f"--lr_cooldown is a fraction of the run in [0, 1], got {args.lr_cooldown}")
     if not 0 <= args.prior_lr < math.inf:

@@ -321,6 +321,25 @@ def test_lr_cooldown_ends_the_run_at_zero(tmp_path):
     assert log_records(tmp_path)[-1]["lr"] == pytest.approx(0.25e-3)
 
 
+def test_eval_interval_validates_every_few_epochs_and_at_the_end_and_trains_the_same(tmp_path):
+    """4 steps an epoch, a stop after 10: --eval_interval 2 logs epochs 2 and 2.5, the first
+    record covering the 8 steps since the start; the training itself is that of a run that
+    validates every epoch, bit for bit."""
+    every, second = tmp_path / "every", tmp_path / "second"
+    flags = ["--batch_size", "1024", "--max_steps", "10", "--ema", "0.9", "--keep", "last"]
+    assert train(every, *flags).returncode == 0
+    proc = train(second, *flags, "--eval_interval", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert [(r["epoch"], r["step"]) for r in log_records(every)] == [(1, 4), (2, 8), (2.5, 10)]
+    first, last = log_records(second)
+    assert (first["epoch"], first["step"], last["epoch"], last["step"]) == (2, 8, 2.5, 10)
+    assert first["images_per_s"] * first["train_seconds"] == pytest.approx(8 * 1024)
+    assert_same_training_state(load_resume_file(second), load_resume_file(every))
+    assert last["val_bpd"] == log_records(every)[-1]["val_bpd"]
+    kept = [torch.load(d / CHECKPOINT_NAME, weights_only=True) for d in (second, every)]
+    assert all(torch.equal(v, kept[1][k]) for k, v in kept[0].items() if torch.is_tensor(v))
+
+
 def test_budget_used_is_the_part_of_the_run_that_ends_it_first():
     """Of --max_steps, of --max_minutes on the clock, or of --max_epochs: the largest."""
     def budget(step, minutes_ago=0.0, **flags):
