@@ -8,7 +8,7 @@ bits/dim there and at the end, and the accuracy with the class prior fitted afte
 
     python docs/hybrid_frontier.py results/cpu_preset_1core_log.jsonl results/cpu_plain_ml_1core_log.jsonl \
         results/ablation/*_log.jsonl --out docs/img/hybrid_frontier.png     # one core each
-    python docs/hybrid_frontier.py results/cpu_{preset,plain_ml}_log.jsonl \
+    python docs/hybrid_frontier.py results/cpu_{preset_at_c404b35,plain_ml_at_2079a30}_log.jsonl \
         results/cpu_{preset,plain_ml}_fusion_gated_log.jsonl \
         results/cpu_preset_{lr_2e-3,nr_logistic_mix_10,seed_2,disc_minutes_20}_log.jsonl \
         --out docs/img/alone_2core_runs.png                                # alone on 2 cores
