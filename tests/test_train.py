@@ -308,7 +308,7 @@ def test_lr_schedule_is_per_step():
         assert pcnn_train.lr_factor(10, 4, decay, used, 0.2) == pytest.approx(decay ** 10 * cool)
 
 
-def test_lr_cooldown_ends_the_run_at_zero(tmp_path):
+def test_lr_cooldown_falls_linearly_over_the_end_of_the_run(tmp_path):
     """--lr_cooldown 0.5 of --max_steps 8: steps.csv logs the rate of each step, --lr for steps
     1-5 (step 5 starts with half the budget left), then 3/4, 1/2 and 1/4 of it."""
     proc = train(tmp_path, "--max_steps", "8", "--lr", "1e-3", "--lr_decay", "1",
