@@ -42,6 +42,7 @@ FUSION_MODES = {
     "early": ("early",),                    # added to both streams after the first convolutions
     "gated": ("gated",),                    # a bias on every gated block's gate pre-activation
     "gated_last": ("gated_last",),          # the same on the last stage's blocks only (below)
+    "gated_last_ul": ("gated_last_ul",),    # the same on the last stage's ul blocks only
     "gated_final": ("gated_final",),        # the same on the final ul block only (below)
     "film": ("film",),                      # scale and shift of every gated block's hidden features
     "late": ("late",),                      # added before the output layer
@@ -99,7 +100,8 @@ class PixelCNN(nn.Module):
         # every class is scored, all the layers before them run once per image (see `forward`):
         # under gated_final, all but that block's gate and the output layer.
         block_fusion = next((p for p in places
-                             if p in ("gated", "film", "gated_last", "gated_final")), None)
+                             if p in ("gated", "film", "gated_last", "gated_last_ul",
+                                      "gated_final")), None)
         # The down pass takes one more block per stage after the first, to consume the outputs of
         # the two downsampling layers as skip inputs: 3 * nr_resnet + 2 skips in all.
         down_nr = [nr_resnet, nr_resnet + 1, nr_resnet + 1]
@@ -107,6 +109,8 @@ class PixelCNN(nn.Module):
         def block(conv, skip, where):
             """where: None in the up pass, else (stage, index) in the down pass."""
             conditioned = {None: False, "gated_last": where is not None and where[0] == 2,
+                           "gated_last_ul": conv is DownRightShiftedConv2d
+                           and where is not None and where[0] == 2,
                            "gated_final": conv is DownRightShiftedConv2d
                            and where == (2, down_nr[2] - 1)}.get(block_fusion, True)
             return GatedResNet(nr_filters, conv, skip * nr_filters, dropout,
