@@ -42,8 +42,6 @@ FUSION_MODES = {
     "early": ("early",),                    # added to both streams after the first convolutions
     "gated": ("gated",),                    # a bias on every gated block's gate pre-activation
     "gated_last": ("gated_last",),          # the same on the last stage's blocks only (below)
-    "gated_last_ul": ("gated_last_ul",),    # the same on the last stage's ul blocks only
-    "gated_final": ("gated_final",),        # the same on the final ul block only (below)
     "film": ("film",),                      # scale and shift of every gated block's hidden features
     "late": ("late",),                      # added before the output layer
     "joint": ("early", "gated", "late"),
@@ -95,33 +93,22 @@ class PixelCNN(nn.Module):
         self.embedding = nn.Embedding(num_classes, embed_dim) if places else None
         self.early_proj = nn.Linear(embed_dim, 2 * nr_filters) if "early" in places else None
         self.late_proj = nn.Linear(embed_dim, nr_filters) if "late" in places else None
-        # "gated_last" conditions only the down pass's last stage, at full resolution, and
-        # "gated_final" only that stage's final ul block, the last before the output layer. When
-        # every class is scored, all the layers before them run once per image (see `forward`):
-        # under gated_final, all but that block's gate and the output layer.
-        block_fusion = next((p for p in places
-                             if p in ("gated", "film", "gated_last", "gated_last_ul",
-                                      "gated_final")), None)
-        # The down pass takes one more block per stage after the first, to consume the outputs of
-        # the two downsampling layers as skip inputs: 3 * nr_resnet + 2 skips in all.
-        down_nr = [nr_resnet, nr_resnet + 1, nr_resnet + 1]
+        # "gated_last" conditions only the down pass's last stage, at full resolution: when every
+        # class is scored, all the layers before it run once per image (see `forward`).
+        block_fusion = next((p for p in places if p in ("gated", "film", "gated_last")), None)
+        last_only = block_fusion == "gated_last"
 
-        def block(conv, skip, where):
-            """where: None in the up pass, else (stage, index) in the down pass."""
-            conditioned = {None: False, "gated_last": where is not None and where[0] == 2,
-                           "gated_last_ul": conv is DownRightShiftedConv2d
-                           and where is not None and where[0] == 2,
-                           "gated_final": conv is DownRightShiftedConv2d
-                           and where == (2, down_nr[2] - 1)}.get(block_fusion, True)
+        def block(conv, skip, last_stage):
+            conditioned = block_fusion is not None and (last_stage or not last_only)
             return GatedResNet(nr_filters, conv, skip * nr_filters, dropout,
                                embed_dim if conditioned else None,
                                "film" if block_fusion == "film" else "gated")
 
-        def u_block(skip, where=None):
-            return block(DownShiftedConv2d, skip, where)
+        def u_block(skip, last_stage=False):
+            return block(DownShiftedConv2d, skip, last_stage)
 
-        def ul_block(skip, where=None):
-            return block(DownRightShiftedConv2d, skip, where)
+        def ul_block(skip, last_stage=False):
+            return block(DownRightShiftedConv2d, skip, last_stage)
 
         # +1 input channel of ones, so the network can tell zero padding from black pixels.
         c_in = input_channels + 1
@@ -138,11 +125,14 @@ class PixelCNN(nn.Module):
         self.downsize_ul = nn.ModuleList(
             [DownRightShiftedConv2d(nr_filters, nr_filters, stride=(2, 2)) for _ in range(2)])
 
+        # The down pass takes one more block per stage after the first, to consume the outputs of
+        # the two downsampling layers as skip inputs: 3 * nr_resnet + 2 skips in all.
+        down_nr = [nr_resnet, nr_resnet + 1, nr_resnet + 1]
         self.down_u = nn.ModuleList(
-            [nn.ModuleList([u_block(1, (stage, i)) for i in range(n)])
+            [nn.ModuleList([u_block(1, stage == 2) for _ in range(n)])
              for stage, n in enumerate(down_nr)])
         self.down_ul = nn.ModuleList(
-            [nn.ModuleList([ul_block(2, (stage, i)) for i in range(n)])
+            [nn.ModuleList([ul_block(2, stage == 2) for _ in range(n)])
              for stage, n in enumerate(down_nr)])
         self.upsize_u = nn.ModuleList(
             [DownShiftedDeconv2d(nr_filters, nr_filters) for _ in range(2)])

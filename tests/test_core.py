@@ -385,13 +385,11 @@ def test_every_class_at_once_equals_repeated_images(fusion):
             torch.testing.assert_close(g_shared, g_repeated, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fusion", ["gated_last", "gated_final"])
-def test_late_gated_fusion_runs_every_layer_before_the_label_once_per_image(fusion):
+def test_gated_last_runs_every_layer_before_the_last_stage_once_per_image():
     """With fusion gated_last, only the blocks of the down pass's last stage (and the output
-    layer) see the K image-label pairs of each image; with gated_final, only the final ul block
-    and the output layer. Every layer before them sees each image once, and only those blocks
-    take the label."""
-    model = tiny_model(fusion=fusion, num_classes=3)
+    layer) see the K image-label pairs of each image; every layer before them sees each image
+    once, and only those blocks take the label."""
+    model = tiny_model(fusion="gated_last", num_classes=3)
     x = grid_images(2, 3, 8, 8)
     rows = {}                                   # layer name -> rows of its output
     layers = {name: module for name, module in model.named_modules()
@@ -403,15 +401,13 @@ def test_late_gated_fusion_runs_every_layer_before_the_label_once_per_image(fusi
     model(x, torch.arange(3).repeat_interleave(2))
     for hook in hooks:
         hook.remove()
-    n_last = len(model.down_u[2])
-    labelled = ({f"{s}.2.{i}" for s in ("down_u", "down_ul") for i in range(n_last)}
-                if fusion == "gated_last" else {f"down_ul.2.{n_last - 1}"})
+    last_stage = {f"{s}.2.{i}" for s in ("down_u", "down_ul") for i in range(len(model.down_u[2]))}
     assert rows.keys() == layers.keys() and len(rows) == 3 + 6 + 4 + 10 + 4 + 1
-    assert {name for name, n in rows.items() if n == 6} == labelled | {"nin_out"}
-    assert all(n == 2 for name, n in rows.items() if name not in labelled | {"nin_out"})
+    assert {name for name, n in rows.items() if n == 6} == last_stage | {"nin_out"}
+    assert all(n == 2 for name, n in rows.items() if name not in last_stage | {"nin_out"})
     conditioned = {name.removesuffix(".cond_proj") for name, _ in model.named_modules()
                    if name.endswith("cond_proj")}
-    assert conditioned == labelled
+    assert conditioned == last_stage
 
 
 def test_groups_in_one_call_equal_separate_calls():
