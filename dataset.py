@@ -299,14 +299,16 @@ def load_dataset(name, data_dir, mode, download=False, image_size=32):
     data_dir: for cpen455 the folder holding train.csv etc.; for cifar10/mnist the torchvision
     root. mode: "train", "validation" or "test"; cifar10/mnist have no validation split, so
     "validation" and "test" both give their test split. MNIST stays (1, 28, 28). image_size
-    applies to cpen455 only. download=True fetches the data first if it is missing.
+    applies to cpen455 only. download=True fetches the data first if it is missing: for cpen455,
+    when data_dir has no CSV for `mode`. A folder that holds one is read as it is, even with other
+    split sizes than the course's (a subset, say): the download would replace its files.
     """
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     if mode not in SPLIT_SIZES:
         raise ValueError(f"mode must be one of {tuple(SPLIT_SIZES)}, got {mode!r}")
     if name == "cpen455":
-        if download:
+        if download and not (Path(data_dir) / f"{mode}.csv").is_file():
             download_cpen455(data_dir)
         return CPEN455Dataset(data_dir, mode, image_size=image_size)
     import torchvision  # only CIFAR-10/MNIST need it, and it adds seconds to every startup

@@ -394,6 +394,23 @@ def test_download_replaces_a_partial_dataset(tmp_path, monkeypatch):
     assert leftovers(tmp_path, keep=set()) == ["data", "small.zip"]
 
 
+def test_load_with_download_fetches_only_a_missing_split(tmp_path, monkeypatch):
+    """Training's load (download=True) reads a folder that has the split's CSV as it is, even one
+    smaller than the course's, where a download would replace its files; it fetches into a folder
+    that lacks it."""
+    fetched = []
+    monkeypatch.setattr(dataset, "download_cpen455", lambda data_dir: fetched.append(data_dir))
+    rows = ["train/a.jpg,0", "train/b.jpg,3"]
+    write_split(tmp_path / "mine", "train", rows)
+    before = (tmp_path / "mine" / "train.csv").read_bytes()
+    assert load_dataset("cpen455", tmp_path / "mine", "train", download=True).paths == \
+        ["train/a.jpg", "train/b.jpg"]
+    assert fetched == [] and (tmp_path / "mine" / "train.csv").read_bytes() == before
+    with pytest.raises(DatasetError):   # the stand-in fetched nothing
+        load_dataset("cpen455", tmp_path / "empty", "train", download=True)
+    assert fetched == [tmp_path / "empty"]
+
+
 @pytest.fixture
 def http_server(tmp_path, monkeypatch):
     """Serve tmp_path/www on localhost; yields its base URL."""
