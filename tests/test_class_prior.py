@@ -205,19 +205,20 @@ def test_prior_fit_and_save_checkpoint_go_together(flags, capsys):
 # ---------------------------------------------------------------------------- pcnn_train.py
 
 @needs_data
-def test_training_fits_the_prior_of_the_kept_model(tmp_path, monkeypatch):
+def test_training_fits_the_prior_of_the_kept_model(tmp_path, monkeypatch, small_data):
     """After training, the kept checkpoint holds the prior fitted on the first PRIOR_FIT_IMAGES
     of a fixed sample of the training images, and class_prior.json records it with the
     validation accuracy before and after."""
     monkeypatch.setattr(pcnn_train, "PRIOR_FIT_IMAGES", 40)
-    args = pcnn_train.parse_args([*TINY, "--run_dir", str(tmp_path), "--save_dir", str(tmp_path),
-                                  "--max_steps", "6", "--fit_prior", "true"])
+    args = pcnn_train.parse_args([*TINY, "--data_dir", str(small_data), "--run_dir", str(tmp_path),
+                                  "--save_dir", str(tmp_path), "--max_steps", "6",
+                                  "--fit_prior", "true"])
     pcnn_train.main(args)
     record = json.loads((tmp_path / "class_prior.json").read_text())
     kept = load_model(tmp_path / "conditional_pixelcnn.pth")
     torch.testing.assert_close(kept.class_log_prior, torch.tensor(record["class_log_prior"]))
 
-    train = load_dataset("cpen455", DATA, "train")
+    train = load_dataset("cpen455", small_data, "train")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:40]
     uniform = PixelCNN.from_state_dict({**kept.state_dict(), "class_log_prior":
                                         torch.full((NUM_CLASSES,), UNIFORM)}).eval()
@@ -226,7 +227,7 @@ def test_training_fits_the_prior_of_the_kept_model(tmp_path, monkeypatch):
                                fit_class_log_prior(ll, train.labels[pick]), rtol=0, atol=1e-2)
     assert record["train_images"] == 40
     assert record["val_acc_before_fit"] == max(r["val_acc"] for r in log_records(tmp_path))
-    val = load_dataset("cpen455", DATA, "validation")
+    val = load_dataset("cpen455", small_data, "validation")
     val_ll = per_class_log_likelihoods(kept, val.images)
     accuracy = ((val_ll + kept.class_log_prior.double()).argmax(1) == val.labels).double().mean()
     assert abs(record["val_acc"] - accuracy.item()) < 1.5 / len(val)

@@ -1,7 +1,8 @@
-"""pcnn_train.py end to end on the real CPEN455 data with tiny models: the loss goes down; resume is
-exact, from a stop or from a mid-epoch checkpoint after kill -9, with steps.csv cut back and the
-run's time carried over; result lines start their own line in a shared log; checkpoints rebuild the
-model in a fresh process; flags are real booleans; a non-finite loss stops the run."""
+"""pcnn_train.py end to end with tiny models on a few hundred of the real CPEN455 images: the loss
+goes down; resume is exact, from a stop or from a mid-epoch checkpoint after kill -9, with
+steps.csv cut back and the run's time carried over; result lines start their own line in a shared
+log; checkpoints rebuild the model in a fresh process; flags are real booleans; a non-finite loss
+stops the run."""
 
 import json
 import math
@@ -27,32 +28,29 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "cpen455"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"needs the CPEN455 data at {DATA}")
 
-TINY = ["--data_dir", str(DATA), "--nr_resnet", "1", "--nr_filters", "8", "--nr_logistic_mix", "2",
-        "--batch_size", "8", "--sampling_interval", "0", "--dropout", "0.5", "--device", "cpu",
+TINY = ["--nr_resnet", "1", "--nr_filters", "8", "--nr_logistic_mix", "2", "--batch_size", "8",
+        "--sampling_interval", "0", "--dropout", "0.5", "--device", "cpu",
         "--fit_prior", "false"]   # test_class_prior.py runs the fit on a few images
 
 
-def train_command(tmp, *extra):
-    """The command line of a tiny run that writes everything under tmp."""
-    return [sys.executable, "pcnn_train.py", *TINY, "--run_dir", str(tmp), "--save_dir", str(tmp),
-            "--sample_dir", str(tmp / "samples"), *map(str, extra)]
+@pytest.fixture(scope="session")
+def train_command(small_data):
+    """command(tmp, *extra): the command line of a tiny run on the small data that writes
+    everything under tmp."""
+    def command(tmp, *extra):
+        return [sys.executable, "pcnn_train.py", *TINY, "--data_dir", str(small_data),
+                "--run_dir", str(tmp), "--save_dir", str(tmp), "--sample_dir", str(tmp / "samples"),
+                *map(str, extra)]
+    return command
 
 
-def train(tmp, *extra):
-    """Run pcnn_train.py in a fresh process; returns the completed process."""
-    return subprocess.run(train_command(tmp, *extra), cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-
-
-def train_into_one_log(tmp, *extra):
-    """`python pcnn_train.py ... > log 2>&1` from a plain shell (stdout block-buffered); returns the
-    exit code and the log's text, carriage returns kept."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    with open(tmp / "log", "w") as f:
-        proc = subprocess.run(train_command(tmp, *extra), cwd=REPO,
-                              env=env | {"OMP_NUM_THREADS": "1"}, stdout=f,
-                              stderr=subprocess.STDOUT, timeout=600)
-    return proc.returncode, (tmp / "log").read_bytes().decode()
+@pytest.fixture(scope="session")
+def train(train_command):
+    """train(tmp, *extra): run pcnn_train.py in a fresh process; returns the completed process."""
+    def run(tmp, *extra):
+        return subprocess.run(train_command(tmp, *extra), cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+    return run
 
 
 def step_losses(run_dir):
@@ -86,7 +84,7 @@ def assert_same_training_state(a, b):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, train):
     """One short run that later tests share: 40 steps at a high learning rate."""
     run = tmp_path_factory.mktemp("run")
     proc = train(run, "--max_steps", "40", "--lr", "5e-3", "--ema", "0.9")
@@ -106,10 +104,16 @@ def test_loss_goes_down(trained):
     assert "val acc" in proc.stdout
 
 
-def test_result_lines_start_their_own_line_in_one_log(tmp_path):
-    """> log 2>&1: the epoch's progress bar shares the file, and every line the run prints is a
-    line of its own there."""
-    code, log = train_into_one_log(tmp_path, "--max_steps", "3")
+def test_result_lines_start_their_own_line_in_one_log(tmp_path, train_command):
+    """`python pcnn_train.py ... > log 2>&1` from a plain shell (stdout block-buffered): the
+    epoch's progress bar shares the file, and every line the run prints is a line of its own
+    there."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open(tmp_path / "log", "w") as f:
+        proc = subprocess.run(train_command(tmp_path, "--max_steps", "3"), cwd=REPO,
+                              env=env | {"OMP_NUM_THREADS": "1"}, stdout=f,
+                              stderr=subprocess.STDOUT, timeout=600)
+    code, log = proc.returncode, (tmp_path / "log").read_bytes().decode()
     assert code == 0, log
     assert "epoch 1:" in log and "\r" in log, "the progress bar is not in the log"
     lines = log.split("\n")
@@ -123,7 +127,7 @@ def test_result_lines_start_their_own_line_in_one_log(tmp_path):
         assert any(re.fullmatch(pattern, line) for line in lines), (pattern, log)
 
 
-def test_resume_continues_exactly_and_cuts_steps_csv_back(tmp_path):
+def test_resume_continues_exactly_and_cuts_steps_csv_back(tmp_path, train):
     """3 steps, stop, resume to 6 == 6 steps straight (dropout and flips included), also when the
     run had gone on to step 5 past its step-3 checkpoint (as a killed run does): steps.csv and
     log.jsonl are cut back to step 3 on resume, so each step appears once."""
@@ -145,12 +149,13 @@ def test_resume_continues_exactly_and_cuts_steps_csv_back(tmp_path):
     assert not torch.allclose(prior, torch.full_like(prior, -math.log(4)))
 
 
-def test_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+def test_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, train,
+                                                                         train_command):
     """kill -9 in the first epoch, a few steps after a --checkpoint_minutes checkpoint: --resume
     continues from that checkpoint and ends with the weights, optimizer, EMA, steps.csv and log
     record of a run that was never stopped."""
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    flags = ["--flip", "--ema", "0.9", "--checkpoint_minutes", 0.01]   # every 0.6 s: many steps apart
+    flags = ["--flip", "--ema", "0.9", "--checkpoint_minutes", 0.005]   # every 0.3 s: steps apart
     killed.mkdir()
     proc = subprocess.Popen(train_command(killed, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -181,7 +186,7 @@ def test_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(tmp_pat
         assert record[key] == expected[key], key
 
 
-def test_elapsed_time_and_max_minutes_count_the_time_before_a_resume(tmp_path):
+def test_elapsed_time_and_max_minutes_count_the_time_before_a_resume(tmp_path, train):
     """A checkpoint that says the run has trained 10 minutes: after --resume, elapsed_min goes on
     from 10, and --max_minutes 10 stops the run before it trains another step."""
     assert train(tmp_path, "--max_steps", "2").returncode == 0
@@ -224,7 +229,7 @@ def test_atomic_save_keeps_the_old_file_when_killed_mid_write(tmp_path, monkeypa
     assert torch.load(path, weights_only=True) == {"step": 1}
 
 
-def test_keep_last_writes_the_last_ema_weights_and_best_the_best(tmp_path):
+def test_keep_last_writes_the_last_ema_weights_and_best_the_best(tmp_path, train):
     """--keep last: the checkpoint holds the EMA weights of the run's end, also across a resume;
     --keep best: the weights of the record with the best validation accuracy."""
     last, best = tmp_path / "last", tmp_path / "best"
@@ -248,7 +253,7 @@ def test_keep_last_writes_the_last_ema_weights_and_best_the_best(tmp_path):
     assert same == records[-1]["kept"]
 
 
-def test_resume_without_state_is_an_error(tmp_path):
+def test_resume_without_state_is_an_error(tmp_path, train):
     proc = train(tmp_path, "--resume")
     assert proc.returncode != 0 and "does not exist" in proc.stderr
 
@@ -308,7 +313,7 @@ def test_lr_schedule_is_per_step():
         assert pcnn_train.lr_factor(10, 4, decay, used, 0.2) == pytest.approx(decay ** 10 * cool)
 
 
-def test_lr_cooldown_falls_linearly_over_the_end_of_the_run(tmp_path):
+def test_lr_cooldown_falls_linearly_over_the_end_of_the_run(tmp_path, train):
     """--lr_cooldown 0.5 of --max_steps 8: steps.csv logs the rate of each step, --lr for steps
     1-5 (step 5 starts with half the budget left), then 3/4, 1/2 and 1/4 of it."""
     proc = train(tmp_path, "--max_steps", "8", "--lr", "1e-3", "--lr_decay", "1",
@@ -322,7 +327,7 @@ def test_lr_cooldown_falls_linearly_over_the_end_of_the_run(tmp_path):
 
 
 def test_eval_interval_validates_every_few_epochs_and_at_the_end_and_trains_the_same(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, small_data):
     """Epochs cut to 3 steps, a stop after 8: --eval_interval 2 logs epochs 2 and 2 2/3, the
     first record covering the 6 steps since the start; the training itself is that of a run that
     validates every epoch, bit for bit, down to the checkpoint it keeps."""
@@ -330,8 +335,9 @@ def test_eval_interval_validates_every_few_epochs_and_at_the_end_and_trains_the_
     every, second = tmp_path / "every", tmp_path / "second"
     for run_dir, interval in ((every, "1"), (second, "2")):
         pcnn_train.main(pcnn_train.parse_args([
-            *TINY, "--run_dir", str(run_dir), "--save_dir", str(run_dir), "--max_steps", "8",
-            "--ema", "0.9", "--keep", "last", "--eval_interval", interval]))
+            *TINY, "--data_dir", str(small_data), "--run_dir", str(run_dir), "--save_dir",
+            str(run_dir), "--max_steps", "8", "--ema", "0.9", "--keep", "last", "--eval_interval",
+            interval]))
     assert [(r["epoch"], r["step"]) for r in log_records(every)] == [(1, 3), (2, 6), (8 / 3, 8)]
     first, last = log_records(second)
     assert (first["epoch"], first["step"], last["epoch"], last["step"]) == (2, 6, 8 / 3, 8)
@@ -357,7 +363,7 @@ def test_budget_used_is_the_part_of_the_run_that_ends_it_first():
         pcnn_train.parse_args(["--lr_cooldown", "1.5"])
 
 
-def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch, small_data):
     """Poison the loss at the third step: the run exits naming step 3 and keeps its files."""
     real_loss = pcnn_train.discretized_mix_logistic_loss
     calls = {"n": 0}
@@ -368,20 +374,19 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
         return nll * float("nan") if calls["n"] == 3 else nll
 
     monkeypatch.setattr(pcnn_train, "discretized_mix_logistic_loss", poisoned)
-    args = pcnn_train.parse_args([*TINY, "--run_dir", str(tmp_path), "--save_dir", str(tmp_path),
-                                  "--max_steps", "5"])
+    args = pcnn_train.parse_args([*TINY, "--data_dir", str(small_data), "--run_dir", str(tmp_path),
+                                  "--save_dir", str(tmp_path), "--max_steps", "5"])
     with pytest.raises(SystemExit) as exit_info:
         pcnn_train.main(args)
     assert "non-finite loss" in str(exit_info.value) and "step 3" in str(exit_info.value)
     assert len(step_losses(tmp_path)) == 2
 
 
-def test_wandb_offline(tmp_path):
+def test_wandb_offline(tmp_path, train_command):
     pytest.importorskip("wandb")
-    env = {**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
            "WANDB_SILENT": "true"}
-    cmd = [sys.executable, "pcnn_train.py", *TINY, "--run_dir", str(tmp_path),
-           "--save_dir", str(tmp_path), "--max_steps", "2", "--en_wandb", "True"]
+    cmd = train_command(tmp_path, "--max_steps", "2", "--en_wandb", "True")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     assert any((tmp_path / "wandb").glob("offline-run-*"))
@@ -428,7 +433,7 @@ def test_training_pass_matches_a_pass_per_class():
     torch.testing.assert_close(nll_only, ref_nll)
 
 
-def test_amp_autocasts_on_a_bf16_cpu(tmp_path):
+def test_amp_autocasts_on_a_bf16_cpu(tmp_path, train):
     """--amp on a CPU with bf16 instructions trains under bf16 autocast: the first loss (same
     weights, same batch) moves off the float32 value by bf16 rounding, and no further. On a CPU
     without them it says so and trains in float32."""
