@@ -161,7 +161,7 @@ class PixelCNN(nn.Module):
         return [name for name, _ in self.named_parameters()
                 if name == "embedding.weight" or name.endswith("proj.weight")]
 
-    def forward(self, x, labels):
+    def forward(self, x, labels, others=None, rows=None):
         """x: (B, C, H, W) in [-1, 1]; labels: int64 (n,). Returns (n, mixture channels, H, W).
 
         With n = B, image i goes with labels[i]. With n = K * B, the output holds K * B
@@ -171,16 +171,55 @@ class PixelCNN(nn.Module):
         once per image (with gated fusion, the first convolutions and the first u-stream block;
         with gated_last, everything before the last stage of the down pass).
 
-        x and labels may also be lists of such tensors, one group each: then the list of the
-        groups' outputs, in one call (a DistributedDataParallel wrapper expects one per step).
+        others: int64 (m, K), m <= B, and n = B: also the first m images under the labels
+        others[i, k], the K * m pairs class-major as above, in the same call (a
+        DistributedDataParallel wrapper expects one per step). Returns then (output,
+        others' output (K * m, mixture channels, R, W)): its rows r0..r1 when rows=(r0, r1) is
+        given (R = r1 - r0 + 1), else all of them (R = H). Where the label enters only the last
+        stage (gated_last, late), those pairs share everything before it with x's own pass, and
+        with rows the last stage runs on those rows and `last_stage_halo` rows above them only.
         """
-        if isinstance(x, (list, tuple)):
-            return [self.forward(group, group_labels) for group, group_labels in zip(x, labels)]
         if x.shape[0] == 0 or labels.shape[0] % x.shape[0]:
             raise ValueError(f"labels ({labels.shape[0]}) must be a multiple of the images "
                              f"({x.shape[0]}): one label per image, or K per image class-major")
-        cond = self.embedding(labels) if self.embedding is not None else None   # (n, E)
+        state, cond = self._first_stages(x, labels)
+        out = self._last_stage(state, cond, labels.shape[0])
+        if others is None:
+            return out
+        m, H = others.shape[0], x.shape[2]
+        if labels.shape[0] != x.shape[0] or not 0 < m <= x.shape[0]:
+            raise ValueError(f"others takes one label per image and 1 to {x.shape[0]} rows, got "
+                             f"{labels.shape[0]} labels and {m} rows")
+        r0, r1 = rows if rows is not None else (0, H - 1)
+        if not 0 <= r0 <= r1 < H:
+            raise ValueError(f"rows must satisfy 0 <= r0 <= r1 < {H}, got {rows}")
+        other_labels = others.t().reshape(-1)                                   # (K*m,)
+        if self.label_in_last_stage():
+            other_state, other_cond = [t[:m] for t in state], self._embed(other_labels)
+        else:
+            other_state, other_cond = self._first_stages(x[:m], other_labels)
+        top = max(0, r0 - self.last_stage_halo())
+        other_state = [t[:, :, top:r1 + 1] for t in other_state]
+        return out, self._last_stage(other_state, other_cond, other_labels.shape[0])[:, :, r0 - top:]
 
+    def label_in_last_stage(self):
+        """Whether the label enters the network in the down pass's last stage or after it only,
+        so that everything before that stage runs once per image whatever the labels."""
+        return FUSION_MODES[self.config["fusion"]] in (("gated_last",), ("late",), ())
+
+    def last_stage_halo(self):
+        """How many rows above row r the last stage's output at row r reads of its inputs: each
+        of its blocks reads a row up in each of its two convolutions, and the ul stream also
+        reads the u stream's row above through its skip input."""
+        return 2 * len(self.down_u[2]) + 1
+
+    def _embed(self, labels):
+        return self.embedding(labels) if self.embedding is not None else None   # (n, E)
+
+    def _first_stages(self, x, labels):
+        """Everything before the down pass's last stage: the state it reads, [u, ul, and the
+        up pass's full-resolution skip outputs] (B or n, F, H, W) each, and the embedding."""
+        cond = self._embed(labels)                                               # (n, E)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)                   # (B, C+1, H, W)
         u = down_shift(self.u_init(x))                                           # (B, F, H, W)
         ul = down_shift(self.ul_init_up(x)) + right_shift(self.ul_init_left(x))
@@ -202,20 +241,32 @@ class PixelCNN(nn.Module):
                 ul_skips.append(ul)
 
         u, ul = u_skips.pop(), ul_skips.pop()
-        for stage in range(3):
-            for u_blk, ul_blk in zip(self.down_u[stage], self.down_ul[stage]):
-                u = u_blk(u, a=u_skips.pop(), cond=cond)
-                ul_skip = ul_skips.pop()
-                n = max(u.shape[0], ul_skip.shape[0])
-                ul = ul_blk(ul, a=torch.cat([expand_pairs(u, n), expand_pairs(ul_skip, n)], dim=1),
-                            cond=cond)
-            if stage < 2:
-                u = self.upsize_u[stage](u)                                      # (B, F, 2H, 2W)
-                ul = self.upsize_ul[stage](ul)
+        for stage in range(2):
+            u, ul = self._down_stage(stage, u, ul, u_skips, ul_skips, cond)
+            u = self.upsize_u[stage](u)                                          # (B, F, 2H, 2W)
+            ul = self.upsize_ul[stage](ul)
+        return [u, ul, *u_skips, *ul_skips], cond
 
+    def _last_stage(self, state, cond, n):
+        """The down pass's last stage and the output layer on the state `_first_stages` returns
+        (or rows of it): (n, mixture channels, rows, W)."""
+        half = (len(state) - 2) // 2
+        u, ul, u_skips, ul_skips = state[0], state[1], list(state[2:2 + half]), list(state[2 + half:])
+        u, ul = self._down_stage(2, u, ul, u_skips, ul_skips, cond)
         if self.late_proj is not None:
             ul = add_pairs(ul, self.late_proj(cond)[:, :, None, None])
-        return expand_pairs(self.mixture(ul), labels.shape[0])           # (n, ..., H, W)
+        return expand_pairs(self.mixture(ul), n)                         # (n, ..., rows, W)
+
+    def _down_stage(self, stage, u, ul, u_skips, ul_skips, cond):
+        """The blocks of the down pass's `stage`, consuming their skip inputs from the ends of
+        u_skips and ul_skips."""
+        for u_blk, ul_blk in zip(self.down_u[stage], self.down_ul[stage]):
+            u = u_blk(u, a=u_skips.pop(), cond=cond)
+            ul_skip = ul_skips.pop()
+            n = max(u.shape[0], ul_skip.shape[0])
+            ul = ul_blk(ul, a=torch.cat([expand_pairs(u, n), expand_pairs(ul_skip, n)], dim=1),
+                        cond=cond)
+        return u, ul
 
     def forward_region(self, cache, rows, cols, streams=("u", "ul")):
         """Rows rows[0]..rows[1] and columns cols[0]..cols[1] of forward(cache.x, labels),

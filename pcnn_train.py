@@ -43,7 +43,7 @@ from dataset import DatasetError, TensorImageDataset, load_dataset, rescaling_in
 from model import CHECKPOINT_NAME, DEFAULT_CHECKPOINT, FUSION_MODES, PixelCNN, load_model
 from utils import bayes_predictions, bf16_autocast, bf16_pays, bits_per_dim, \
     dataset_log_likelihoods, discretized_mix_logistic_loss, line_buffered_stdout, pick_device, \
-    progress_bar, sample_fast, set_fitted_class_prior
+    pixel_log_likelihoods, progress_bar, sample_fast, set_fitted_class_prior
 
 # Presets set defaults; any flag given on the command line still wins.
 PRESETS = {
@@ -126,14 +126,18 @@ def lr_factor(step, warmup_steps, lr_decay, budget_used=0.0, cooldown=0.0):
     return warm * lr_decay ** step * cool
 
 
-def training_pass(model, x, y, num_classes, m, label_only_model=None):
+def training_pass(model, x, y, num_classes, m, label_only_model=None, rows=None):
     """The network outputs the training loss needs.
 
     Returns nll (b,): -log p(x | y) in nats of every image under its own label, and logits
     (m, num_classes): log p(x | c) of the first m images under every class, for the hybrid term
-    (None when m is 0). The true-label column of the logits is also those images' nll, so the
+    (None when m is 0). The true-label column of the logits comes from the nll pass, so the
     hybrid term costs m * (num_classes - 1) extra image-label pairs, not m * num_classes, and
     less where the label enters late (PixelCNN.forward shares the layers before it).
+
+    rows: (r0, r1), or None for the whole image: the logits then sum the log-likelihoods of
+    image rows r0..r1 only, and where the label enters in the last stage the other labels' pairs
+    run that stage on those rows (and a few above) only.
 
     label_only_model: the bare PixelCNN behind `model`. When given, the passes under the other
     labels see every parameter but the label's (PixelCNN.label_parameter_names) detached, so the
@@ -142,29 +146,24 @@ def training_pass(model, x, y, num_classes, m, label_only_model=None):
     """
     if m == 0:
         return discretized_mix_logistic_loss(x, model(x, y), reduction="none"), None
-    if label_only_model is None:
-        # The first m images under every class, class-major (the layers before the label enters
-        # run once per image), and the rest under their own label, in one call.
-        every_class = torch.arange(num_classes, device=y.device).repeat_interleave(m)   # (C*m,)
-        groups, labels = [x[:m]], [every_class]
-        if m < x.shape[0]:
-            groups, labels = groups + [x[m:]], labels + [y[m:]]
-        outs = model(groups, labels)
-        ll = -discretized_mix_logistic_loss(x[:m].repeat(num_classes, 1, 1, 1), outs[0],
-                                            reduction="none").view(num_classes, m).t()   # (m, C)
-        nll = -ll.gather(1, y[:m, None]).squeeze(1)                                       # (m,)
-        if len(outs) > 1:
-            nll = torch.cat([nll, discretized_mix_logistic_loss(x[m:], outs[1], reduction="none")])
-        return nll, ll
     others = (y[:m, None] + torch.arange(1, num_classes, device=y.device)) % num_classes  # (m, C-1)
-    x_other = x[:m].repeat_interleave(num_classes - 1, dim=0)              # (m(C-1), C, H, W)
-    nll = discretized_mix_logistic_loss(x, model(x, y), reduction="none")              # (b,)
-    keep = set(label_only_model.label_parameter_names())
-    params = {name: p if name in keep else p.detach()
-              for name, p in label_only_model.named_parameters()}
-    out = torch.func.functional_call(label_only_model, params, (x_other, others.reshape(-1)))
-    nll_other = discretized_mix_logistic_loss(x_other, out, reduction="none")      # (m(C-1),)
-    ll = -torch.cat([nll[:m, None], nll_other.view(m, num_classes - 1)], dim=1)   # (m, C)
+    r0, r1 = rows if rows is not None else (0, x.shape[2] - 1)
+    x_other = x[:m, :, r0:r1 + 1].repeat(num_classes - 1, 1, 1, 1)     # ((C-1)m, C, R, W)
+    if label_only_model is None:
+        out, out_other = model(x, y, others=others, rows=rows)
+    else:
+        out = model(x, y)
+        keep = set(label_only_model.label_parameter_names())
+        params = {name: p if name in keep else p.detach()
+                  for name, p in label_only_model.named_parameters()}
+        out_other = torch.func.functional_call(
+            label_only_model, params, (x[:m].repeat(num_classes - 1, 1, 1, 1),
+                                       others.t().reshape(-1)))[:, :, r0:r1 + 1]
+    pixels = pixel_log_likelihoods(x, out)                                 # (b, H, W)
+    nll = -pixels.sum(dim=(1, 2))                                          # (b,)
+    ll_true = pixels[:m, r0:r1 + 1].sum(dim=(1, 2))                        # (m,)
+    ll_other = pixel_log_likelihoods(x_other, out_other).sum(dim=(1, 2))   # ((C-1)m,)
+    ll = torch.cat([ll_true[:, None], ll_other.view(num_classes - 1, m).t()], dim=1)  # (m, C)
     columns = torch.cat([y[:m, None], others], dim=1)                      # class of each column
     logits = torch.zeros_like(ll).scatter(1, columns, ll)                  # (m, C) in class order
     return nll, logits
@@ -352,6 +351,9 @@ def setup(args):
         sys.exit(f"error: {err}")
     if ddp and master:
         dist.barrier()
+    if args.disc_rows > train.images.shape[2]:
+        sys.exit(f"error: --disc_rows {args.disc_rows} exceeds the image height "
+                 f"{train.images.shape[2]}")
     if train.images.shape[0] < args.batch_size:
         sys.exit(f"error: --batch_size {args.batch_size} exceeds the {train.images.shape[0]} "
                  f"training images")
@@ -461,7 +463,8 @@ def train_step(run, x, y, progress):
     with run.autocast():
         m = max(1, int(args.disc_fraction * x.shape[0])) if args.disc_weight > 0 else 0
         nll, logits = training_pass(run.fwd_model, x, y, run.train.num_classes, m,  # (b,), (m, C)
-                                    run.model if args.disc_params == "label" else None)
+                                    run.model if args.disc_params == "label" else None,
+                                    hybrid_rows(args.disc_rows, x.shape[2]) if m else None)
         # The mean over the local batch: DDP averages the gradients over the processes.
         loss = nll.mean() / run.num_dims                                     # nats/dim
         if logits is not None:
@@ -488,6 +491,16 @@ def train_step(run, x, y, progress):
     if run.ema is not None:
         run.ema.update(run.model, progress.step)
     return mean_nll, loss_value, sum_nll
+
+
+def hybrid_rows(disc_rows, height):
+    """The band (r0, r1) of `disc_rows` image rows the hybrid term compares this step, at a
+    uniformly random height, drawn from the process's generator (saved on resume, as dropout's
+    masks are); None for the whole image."""
+    if disc_rows in (0, height):
+        return None
+    r0 = int(torch.randint(height - disc_rows + 1, ()))
+    return r0, r0 + disc_rows - 1
 
 
 @torch.no_grad()
@@ -739,6 +752,12 @@ def build_parser():
     p.add_argument("--disc_fraction", type=float, default=0.25,
                    help="fraction of each batch the hybrid term is computed on (each of those "
                         "images costs one more pass per other class)")
+    p.add_argument("--disc_rows", type=int, default=0,
+                   help="the hybrid term compares the classes' log-likelihoods of a band of this "
+                        "many image rows, drawn at random each step, instead of the whole image "
+                        "(0: the whole image); where the class enters in the last stage "
+                        "(--fusion gated_last, late), the other classes' passes run that stage "
+                        "on the band only")
     # length of the run
     p.add_argument("-x", "--max_epochs", type=int, default=5000, help="epochs to train")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: off)")
@@ -794,6 +813,8 @@ def parse_args(argv=None):
         parser.error(f"--eval_interval counts epochs (0: at the end only), got {args.eval_interval}")
     if not 0 <= args.lr_cooldown <= 1:
         parser.error(f"--lr_cooldown is a fraction of the run in [0, 1], got {args.lr_cooldown}")
+    if args.disc_rows < 0:
+        parser.error(f"--disc_rows counts image rows (0: the whole image), got {args.disc_rows}")
     if not 0 <= args.prior_lr < math.inf:
         parser.error(f"--prior_lr needs a step in nats >= 0, got {args.prior_lr}")
     return args

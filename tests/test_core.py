@@ -410,14 +410,31 @@ def test_gated_last_runs_every_layer_before_the_last_stage_once_per_image():
     assert conditioned == last_stage
 
 
-def test_groups_in_one_call_equal_separate_calls():
-    """forward takes lists of (images, labels) groups and returns each group's output."""
+@pytest.mark.parametrize("fusion", ["gated_last", "gated", "late"])
+@pytest.mark.parametrize("nr_resnet", [1, 2])
+def test_other_labels_and_rows_in_one_call_equal_separate_full_passes(fusion, nr_resnet):
+    """forward(x, labels, others=, rows=) also returns the first m images under the other labels,
+    rows r0..r1 of each, equal to full passes of those pairs cut to the rows: the last stage run
+    on the rows and its halo above (gated_last, late) reads every input row it needs."""
+    model = tiny_model(num_classes=4, fusion=fusion, nr_resnet=nr_resnet).double()
+    x = grid_images(5, 3, 16, 16).double()
+    y = torch.tensor([0, 1, 2, 3, 1])
+    others = torch.tensor([[1, 2], [3, 0], [0, 1]])                              # (m, K)
+    full = model(x[:3].repeat(2, 1, 1, 1), others.t().reshape(-1))              # (K*m, ., H, W)
+    for rows in (None, (0, 3), (5, 12), (9, 15), (15, 15)):
+        out, out_other = model(x, y, others=others, rows=rows)
+        r0, r1 = rows or (0, 15)
+        torch.testing.assert_close(out, model(x, y), rtol=0, atol=0)
+        torch.testing.assert_close(out_other, full[:, :, r0:r1 + 1], rtol=1e-9, atol=1e-9)
+
+
+def test_other_labels_and_rows_must_fit_the_batch():
     model = tiny_model(num_classes=3)
-    x = grid_images(3, 3, 8, 8)
-    every_class = torch.arange(3).repeat_interleave(2)
-    outs = model([x[:2], x[2:]], [every_class, torch.tensor([1])])
-    torch.testing.assert_close(outs[0], model(x[:2], every_class), rtol=0, atol=0)
-    torch.testing.assert_close(outs[1], model(x[2:], torch.tensor([1])), rtol=0, atol=0)
+    x, y = grid_images(2, 3, 8, 8), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="rows must satisfy"):
+        model(x, y, others=torch.tensor([[1]]), rows=(3, 8))
+    with pytest.raises(ValueError, match="1 to 2 rows"):
+        model(x, y, others=torch.tensor([[1], [2], [0]]))
 
 
 def test_labels_not_a_multiple_of_the_images_is_an_error():

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 import pcnn_train
 from model import CHECKPOINT_NAME, DEFAULT_CHECKPOINT, PixelCNN, load_model
-from utils import bf16_pays, class_log_likelihoods, discretized_mix_logistic_loss
+from utils import bf16_pays, class_log_likelihoods, class_pixel_log_likelihoods, \
+    discretized_mix_logistic_loss
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "cpen455"
@@ -431,6 +432,47 @@ def test_training_pass_matches_a_pass_per_class():
     nll_only, none = pcnn_train.training_pass(model, x, y, 4, 0)
     assert none is None
     torch.testing.assert_close(nll_only, ref_nll)
+
+
+@pytest.mark.parametrize("fusion", ["gated_last", "gated"])
+def test_training_pass_on_a_band_of_rows_sums_those_rows_of_every_class(fusion):
+    """With rows=(r0, r1) the logits are each class's log-likelihood of image rows r0..r1, summed
+    from the pixels of a full pass per class; the nll still covers the whole image; the
+    gradient is that of those sums."""
+    torch.manual_seed(0)
+    model = PixelCNN(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, input_channels=3,
+                     num_classes=4, fusion=fusion, dropout=0.0).double()
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    y = torch.tensor([3, 0, 2, 1, 1, 0])
+    rows = (2, 4)
+    nll, logits = pcnn_train.training_pass(model, x, y, 4, 4, rows=rows)
+    ref_nll = discretized_mix_logistic_loss(x, model(x, y), reduction="none")
+    ref_logits = class_pixel_log_likelihoods(model, x[:4], 4)[:, :, 2:5].sum(dim=(2, 3))
+    torch.testing.assert_close(nll, ref_nll)
+    torch.testing.assert_close(logits, ref_logits)
+    assert not torch.allclose(logits, class_log_likelihoods(model, x[:4], 4))
+    params = list(model.parameters())
+    grads = torch.autograd.grad(nll.mean() + 0.1 * F.cross_entropy(logits, y[:4]), params)
+    ref_grads = torch.autograd.grad(ref_nll.mean() + 0.1 * F.cross_entropy(ref_logits, y[:4]), params)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_hybrid_rows_draws_a_band_inside_the_image():
+    torch.manual_seed(0)
+    bands = {pcnn_train.hybrid_rows(8, 32) for _ in range(400)}
+    assert {r1 - r0 for r0, r1 in bands} == {7}
+    assert min(r0 for r0, _ in bands) == 0 and max(r1 for _, r1 in bands) == 31
+    assert pcnn_train.hybrid_rows(0, 32) is None and pcnn_train.hybrid_rows(32, 32) is None
+
+
+def test_disc_rows_trains_and_rejects_a_band_taller_than_the_image(tmp_path, train):
+    proc = train(tmp_path / "band", "--max_steps", "3", "--disc_weight", "1e-3", "--disc_rows", "8",
+                 "--fusion", "gated_last")
+    assert proc.returncode == 0, proc.stderr
+    assert len(step_losses(tmp_path / "band")) == 3
+    proc = train(tmp_path / "tall", "--max_steps", "1", "--disc_weight", "1e-3", "--disc_rows", "33")
+    assert proc.returncode != 0 and "--disc_rows 33 exceeds the image height 32" in proc.stderr
 
 
 def test_amp_autocasts_on_a_bf16_cpu(tmp_path, train):
