@@ -25,6 +25,9 @@ Each line prints the straightforward time, the fast time and their ratio, plus p
 3. Training step at 40 filters, 1 resnet, 5 mixtures, batch 32: float32 eager against bf16
    autocast (the loss in float32), eager and under torch.compile; on a CPU, bf16 eager also with
    nn.Dropout (F.dropout's draw per element) against `layers.Dropout` (a quarter of the draws).
+   Then the CPU preset's step (gated_last, the hybrid term on 8 of the 32 images, bf16 where it
+   pays): the term over the whole image against `--disc_rows 8`, each also as a multiple of a
+   plain likelihood step; the three run in turn, --train_steps rounds, the fastest counting.
 Speed does not depend on the weights, so the other models are random.
 """
 
@@ -36,11 +39,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import DatasetError, load_dataset
 from layers import GatedResNet
 from model import DEFAULT_CHECKPOINT, PixelCNN, load_model
+from pcnn_train import training_pass
 from utils import (AMP_RECHECK_NATS, bayes_predictions, bf16_autocast, bf16_pays,
                    class_log_likelihoods, dataset_log_likelihoods, discretized_mix_logistic_loss,
                    pick_device, sample_fast)
@@ -229,6 +234,35 @@ def bench_training(device, steps):
                1 / results["bf16 F.dropout"], 1 / results["bf16 eager"], device, unit="s/img")
 
 
+def bench_hybrid(device, rounds):
+    """The CPU preset's training step with the hybrid term on the whole image and on a band of 8
+    rows, and a plain likelihood step for scale."""
+    torch.manual_seed(0)
+    x = torch.rand(32, 3, 32, 32, device=device) * 2 - 1
+    y = torch.randint(0, 4, (32,), device=device)
+    model = PixelCNN(**SIZES["40/1/5"], fusion="gated_last", dropout=0.1).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    autocast = bf16_autocast(device, bf16_pays(device))
+
+    def step(m, rows):
+        def run():
+            with autocast():
+                nll, logits = training_pass(model, x, y, 4, m, rows=rows)   # (32,), (m, 4)
+                loss = nll.mean() / x[0].numel()
+                if m:
+                    loss = loss + 3e-4 * F.cross_entropy(logits, y[:m])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return run
+    seconds = interleaved({"plain": step(0, None), "whole": step(8, None),
+                           "band": step(8, (12, 19))}, device, rounds)
+    report("train preset step, term on the whole image vs 8 rows", seconds["whole"],
+           seconds["band"], device)
+    print(f"  per plain likelihood step: whole image {seconds['whole'] / seconds['plain']:.2f}x, "
+          f"8 rows {seconds['band'] / seconds['plain']:.2f}x", flush=True)
+
+
 def main(args):
     device = pick_device(args.device)
     sections = ("sampling", "classification", "training") if args.only is None else (args.only,)
@@ -248,6 +282,7 @@ def main(args):
                              args.rounds)
     if "training" in sections:
         bench_training(device, args.train_steps)
+        bench_hybrid(device, args.train_steps)
 
 
 if __name__ == "__main__":
