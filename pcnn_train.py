@@ -19,7 +19,8 @@ the checkpoint and `<run_dir>/class_prior.json`.
 Under torchrun each process (one per GPU with NCCL, or on the CPU with gloo) trains on its own
 slice of every global batch of --batch_size images and DDP averages the gradients, so steps.csv
 matches a one-process run up to float rounding when --dropout and --disc_weight are 0 (each process
-draws its own dropout masks and takes the hybrid term on the first --disc_fraction of its slice).
+draws its own dropout masks and takes the hybrid term on the first --disc_fraction of its slice,
+on a band of --disc_rows rows it draws itself).
 Validation is split over the processes; rank 0 alone prints and writes files.
 """
 

@@ -107,10 +107,11 @@ def test_batch_must_split_over_processes(tmp_path, train):
 
 
 def test_resume_under_ddp_is_exact(tmp_path, train):
-    """2 steps, stop, resume to 4 == 4 steps straight, in two processes, with dropout: every
-    process gets back its own dropout generator."""
+    """2 steps, stop, resume to 4 == 4 steps straight, in two processes, with dropout and the
+    hybrid term on bands of rows: every process gets back its own generator, which draws both."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    flags = ["--batch_size", "8", "--dropout", "0.5"]
+    flags = ["--batch_size", "8", "--dropout", "0.5", "--fusion", "gated_last",
+             "--disc_weight", "1e-3", "--disc_rows", "4"]
     assert train(straight, 2, *flags, "--max_steps", "4").returncode == 0
     assert train(split, 2, *flags, "--max_steps", "2").returncode == 0
     proc = train(split, 2, *flags, "--max_steps", "4", "--resume")
