@@ -185,6 +185,8 @@ class PixelCNN(nn.Module):
         state, cond = self._first_stages(x, labels)
         out = self._last_stage(state, cond, labels.shape[0])
         if others is None:
+            if rows is not None:
+                raise ValueError("rows cuts the output under `others`; pass others too")
             return out
         m, H = others.shape[0], x.shape[2]
         if labels.shape[0] != x.shape[0] or not 0 < m <= x.shape[0]:

@@ -435,6 +435,8 @@ def test_other_labels_and_rows_must_fit_the_batch():
         model(x, y, others=torch.tensor([[1]]), rows=(3, 8))
     with pytest.raises(ValueError, match="1 to 2 rows"):
         model(x, y, others=torch.tensor([[1], [2], [0]]))
+    with pytest.raises(ValueError, match="pass others too"):
+        model(x, y, rows=(0, 3))
 
 
 def test_labels_not_a_multiple_of_the_images_is_an_error():
