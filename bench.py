@@ -25,9 +25,10 @@ Each line prints the straightforward time, the fast time and their ratio, plus p
 3. Training step at 40 filters, 1 resnet, 5 mixtures, batch 32: float32 eager against bf16
    autocast (the loss in float32), eager and under torch.compile; on a CPU, bf16 eager also with
    nn.Dropout (F.dropout's draw per element) against `layers.Dropout` (a quarter of the draws).
-   Then the CPU preset's step (gated_last, the hybrid term on 8 of the 32 images, bf16 where it
-   pays): the term over the whole image against `--disc_rows 8`, each also as a multiple of a
-   plain likelihood step; the three run in turn, --train_steps rounds, the fastest counting.
+   Then the CPU preset's step (pcnn_train.PRESETS["cpu"], bf16 where it pays): the hybrid term
+   over the whole image against its band of rows, each also as a multiple of a plain likelihood
+   step, and the images/s of its step at its batch size and at 32; the four run in turn,
+   --train_steps rounds, the fastest counting.
 Speed does not depend on the weights, so the other models are random.
 """
 
@@ -45,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dataset import DatasetError, load_dataset
 from layers import GatedResNet
 from model import DEFAULT_CHECKPOINT, PixelCNN, load_model
-from pcnn_train import training_pass
+from pcnn_train import PRESETS, training_pass
 from utils import (AMP_RECHECK_NATS, bayes_predictions, bf16_autocast, bf16_pays,
                    class_log_likelihoods, dataset_log_likelihoods, discretized_mix_logistic_loss,
                    pick_device, sample_fast)
@@ -235,32 +236,44 @@ def bench_training(device, steps):
 
 
 def bench_hybrid(device, rounds):
-    """The CPU preset's training step with the hybrid term on the whole image and on a band of 8
-    rows, and a plain likelihood step for scale."""
+    """The CPU preset's training step (pcnn_train.PRESETS["cpu"]) with the hybrid term on the
+    whole image and on its band of rows, a plain likelihood step for scale, and the band step at
+    the course's batch of 32 for the cost per image of the preset's batch."""
+    preset = PRESETS["cpu"]
+    batch, rows, weight = preset["batch_size"], preset["disc_rows"], preset["disc_weight"]
+    m = max(1, int(preset["disc_fraction"] * batch))
     torch.manual_seed(0)
-    x = torch.rand(32, 3, 32, 32, device=device) * 2 - 1
-    y = torch.randint(0, 4, (32,), device=device)
-    model = PixelCNN(**SIZES["40/1/5"], fusion="gated_last", dropout=0.1).to(device)
+    model = PixelCNN(nr_resnet=preset["nr_resnet"], nr_filters=preset["nr_filters"],
+                     nr_logistic_mix=preset["nr_logistic_mix"], fusion=preset["fusion"],
+                     dropout=preset["dropout"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     autocast = bf16_autocast(device, bf16_pays(device))
 
-    def step(m, rows):
+    def step(b, m, band):
+        x = torch.rand(b, 3, 32, 32, device=device) * 2 - 1
+        y = torch.randint(0, 4, (b,), device=device)
+
         def run():
             with autocast():
-                nll, logits = training_pass(model, x, y, 4, m, rows=rows)   # (32,), (m, 4)
+                nll, logits = training_pass(model, x, y, 4, m, rows=band)   # (b,), (m, 4)
                 loss = nll.mean() / x[0].numel()
                 if m:
-                    loss = loss + 3e-4 * F.cross_entropy(logits, y[:m])
+                    loss = loss + weight * F.cross_entropy(logits, y[:m])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         return run
-    seconds = interleaved({"plain": step(0, None), "whole": step(8, None),
-                           "band": step(8, (12, 19))}, device, rounds)
-    report("train preset step, term on the whole image vs 8 rows", seconds["whole"],
-           seconds["band"], device)
+    band = (12, 12 + rows - 1)
+    seconds = interleaved({"plain": step(batch, 0, None), "whole": step(batch, m, None),
+                           "band": step(batch, m, band),
+                           "band 32": step(32, max(1, int(preset["disc_fraction"] * 32)), band)},
+                          device, rounds)
+    report(f"train preset step (batch {batch}), term on the whole image vs {rows} rows",
+           seconds["whole"], seconds["band"], device)
     print(f"  per plain likelihood step: whole image {seconds['whole'] / seconds['plain']:.2f}x, "
-          f"8 rows {seconds['band'] / seconds['plain']:.2f}x", flush=True)
+          f"{rows} rows {seconds['band'] / seconds['plain']:.2f}x", flush=True)
+    print(f"  images/s of the band step: {batch / seconds['band']:.1f} at batch {batch}, "
+          f"{32 / seconds['band 32']:.1f} at batch 32", flush=True)
 
 
 def main(args):
