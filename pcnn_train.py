@@ -48,7 +48,7 @@ from utils import bayes_predictions, bf16_autocast, bf16_pays, bits_per_dim, \
 
 # Presets set defaults; any flag given on the command line still wins.
 PRESETS = {
-    "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, fusion="gated_last", batch_size=32,
+    "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, fusion="gated_last", batch_size=8,
                 lr=3e-3, warmup_steps=100, lr_decay=0.9998, lr_cooldown=0.5, ema=0.999,
                 dropout=0.1, flip=True, amp=True, disc_weight=3e-4, disc_fraction=0.25,
                 disc_rows=8, prior_lr=1.0, keep="last", eval_interval=4, max_minutes=30.0,
