@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dataset import DatasetError, load_dataset
 from layers import GatedResNet
 from model import DEFAULT_CHECKPOINT, PixelCNN, load_model
-from pcnn_train import PRESETS, training_pass
+from pcnn_train import PRESETS, hybrid_count, training_pass
 from utils import (AMP_RECHECK_NATS, bayes_predictions, bf16_autocast, bf16_pays,
                    class_log_likelihoods, dataset_log_likelihoods, discretized_mix_logistic_loss,
                    pick_device, sample_fast)
@@ -241,7 +241,7 @@ def bench_hybrid(device, rounds):
     the course's batch of 32 for the cost per image of the preset's batch."""
     preset = PRESETS["cpu"]
     batch, rows, weight = preset["batch_size"], preset["disc_rows"], preset["disc_weight"]
-    m = max(1, int(preset["disc_fraction"] * batch))
+    m = hybrid_count(preset["disc_fraction"], batch)
     torch.manual_seed(0)
     model = PixelCNN(nr_resnet=preset["nr_resnet"], nr_filters=preset["nr_filters"],
                      nr_logistic_mix=preset["nr_logistic_mix"], fusion=preset["fusion"],
@@ -249,13 +249,13 @@ def bench_hybrid(device, rounds):
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     autocast = bf16_autocast(device, bf16_pays(device))
 
-    def step(b, m, band):
+    def step(b, m, rows_compared):
         x = torch.rand(b, 3, 32, 32, device=device) * 2 - 1
         y = torch.randint(0, 4, (b,), device=device)
 
         def run():
             with autocast():
-                nll, logits = training_pass(model, x, y, 4, m, rows=band)   # (b,), (m, 4)
+                nll, logits = training_pass(model, x, y, 4, m, rows=rows_compared)  # (b,), (m, 4)
                 loss = nll.mean() / x[0].numel()
                 if m:
                     loss = loss + weight * F.cross_entropy(logits, y[:m])
@@ -266,7 +266,7 @@ def bench_hybrid(device, rounds):
     band = (12, 12 + rows - 1)
     seconds = interleaved({"plain": step(batch, 0, None), "whole": step(batch, m, None),
                            "band": step(batch, m, band),
-                           "band 32": step(32, max(1, int(preset["disc_fraction"] * 32)), band)},
+                           "band 32": step(32, hybrid_count(preset["disc_fraction"], 32), band)},
                           device, rounds)
     report(f"train preset step (batch {batch}), term on the whole image vs {rows} rows",
            seconds["whole"], seconds["band"], device)

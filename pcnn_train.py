@@ -462,7 +462,7 @@ def train_step(run, x, y, progress):
     A non-finite objective exits naming the step."""
     args = run.args
     with run.autocast():
-        m = max(1, int(args.disc_fraction * x.shape[0])) if args.disc_weight > 0 else 0
+        m = hybrid_count(args.disc_fraction, x.shape[0]) if args.disc_weight > 0 else 0
         nll, logits = training_pass(run.fwd_model, x, y, run.train.num_classes, m,  # (b,), (m, C)
                                     run.model if args.disc_params == "label" else None,
                                     hybrid_rows(args.disc_rows, x.shape[2]) if m else None)
@@ -492,6 +492,11 @@ def train_step(run, x, y, progress):
     if run.ema is not None:
         run.ema.update(run.model, progress.step)
     return mean_nll, loss_value, sum_nll
+
+
+def hybrid_count(disc_fraction, batch):
+    """How many of a batch's images the hybrid term scores: its first --disc_fraction, at least 1."""
+    return max(1, int(disc_fraction * batch))
 
 
 def hybrid_rows(disc_rows, height):
