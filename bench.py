@@ -28,7 +28,8 @@ Each line prints the straightforward time, the fast time and their ratio, plus p
    Then the CPU preset's step (pcnn_train.PRESETS["cpu"], bf16 where it pays): the hybrid term
    over the whole image against its band of rows, each also as a multiple of a plain likelihood
    step, and the images/s of its step at its batch size and at 32; the four run in turn,
-   --train_steps rounds, the fastest counting.
+   --train_steps rounds, the fastest counting. Last, Adam's step on the preset's tensors: the loop
+   over them against pcnn_train.make_optimizer's (fused where this torch has the kernel).
 Speed does not depend on the weights, so the other models are random.
 """
 
@@ -46,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dataset import DatasetError, load_dataset
 from layers import GatedResNet
 from model import DEFAULT_CHECKPOINT, PixelCNN, load_model
-from pcnn_train import PRESETS, hybrid_count, training_pass
+from pcnn_train import PRESETS, hybrid_count, make_optimizer, training_pass
 from utils import (AMP_RECHECK_NATS, bayes_predictions, bf16_autocast, bf16_pays,
                    class_log_likelihoods, dataset_log_likelihoods, discretized_mix_logistic_loss,
                    pick_device, sample_fast)
@@ -246,7 +247,7 @@ def bench_hybrid(device, rounds):
     model = PixelCNN(nr_resnet=preset["nr_resnet"], nr_filters=preset["nr_filters"],
                      nr_logistic_mix=preset["nr_logistic_mix"], fusion=preset["fusion"],
                      dropout=preset["dropout"]).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    optimizer = make_optimizer(model.parameters(), 2e-4, device)
     autocast = bf16_autocast(device, bf16_pays(device))
 
     def step(b, m, rows_compared):
@@ -274,6 +275,16 @@ def bench_hybrid(device, rounds):
           f"{rows} rows {seconds['band'] / seconds['plain']:.2f}x", flush=True)
     print(f"  images/s of the band step: {batch / seconds['band']:.1f} at batch {batch}, "
           f"{32 / seconds['band 32']:.1f} at batch 32", flush=True)
+
+    # The optimizer's share of that step: Adam's loop over the tensors against make_optimizer's.
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    loop = torch.optim.Adam(model.parameters(), lr=2e-4, foreach=False)
+    seconds = interleaved({"loop": lambda: [loop.step() for _ in range(20)],
+                           "fast": lambda: [optimizer.step() for _ in range(20)]}, device, rounds)
+    tensors, fused = len(list(model.parameters())), optimizer.defaults["fused"]
+    report(f"Adam step on {tensors} tensors, loop vs fused={fused}", seconds["loop"] * 50,
+           seconds["fast"] * 50, device, unit="ms")
 
 
 def main(args):

@@ -4,6 +4,7 @@ steps.csv cut back and the run's time carried over; result lines start their own
 log; checkpoints rebuild the model in a fresh process; flags are real booleans; a non-finite loss
 stops the run."""
 
+import copy
 import json
 import math
 import os
@@ -406,6 +407,42 @@ def test_ema_decay_warms_up():
         torch.testing.assert_close(ema.state["nin_out.conv.bias"],
                                    expected_decay * before + (1 - expected_decay) * model.nin_out.conv.bias)
     assert not torch.equal(ema.state["nin_out.conv.bias"], start)
+
+
+def test_make_optimizer_steps_as_adams_loop_and_takes_its_state():
+    """make_optimizer's Adam (fused where torch has the kernel) moves the weights as Adam's loop
+    over the tensors does, within float rounding, and continues from the loop's state_dict (a
+    checkpoint written before it) as the loop itself would."""
+    def steps(model, optimizer, seeds):
+        for seed in seeds:
+            torch.manual_seed(seed)
+            x = torch.rand(4, 3, 8, 8, dtype=torch.float64) * 2 - 1             # (4, 3, 8, 8)
+            loss = discretized_mix_logistic_loss(x, model(x, torch.arange(4)))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def assert_same_weights(a, b):
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
+    torch.manual_seed(0)
+    # In float64, where the two orders of the same arithmetic agree far below a step's size.
+    fast = PixelCNN(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, dropout=0).double()
+    loop = copy.deepcopy(fast)
+    start = fast.nin_out.conv.bias.detach().clone()
+    fast_adam = pcnn_train.make_optimizer(fast.parameters(), 1e-2, torch.device("cpu"))
+    loop_adam = torch.optim.Adam(loop.parameters(), lr=1e-2, foreach=False)
+    steps(fast, fast_adam, range(3))
+    steps(loop, loop_adam, range(3))
+    assert_same_weights(fast, loop)
+    assert not torch.equal(fast.nin_out.conv.bias, start)          # the steps moved the weights
+
+    resumed = copy.deepcopy(loop)
+    resumed_adam = pcnn_train.make_optimizer(resumed.parameters(), 1e-2, torch.device("cpu"))
+    resumed_adam.load_state_dict(copy.deepcopy(loop_adam.state_dict()))     # as from a file
+    steps(resumed, resumed_adam, range(3, 6))
+    steps(loop, loop_adam, range(3, 6))
+    assert_same_weights(resumed, loop)
 
 
 def test_training_pass_matches_a_pass_per_class():
