@@ -280,11 +280,12 @@ def bench_hybrid(device, rounds):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     loop = torch.optim.Adam(model.parameters(), lr=2e-4, foreach=False)
-    seconds = interleaved({"loop": lambda: [loop.step() for _ in range(20)],
-                           "fast": lambda: [optimizer.step() for _ in range(20)]}, device, rounds)
+    n = 20                                                 # steps per timed call
+    seconds = interleaved({"loop": lambda: [loop.step() for _ in range(n)],
+                           "fast": lambda: [optimizer.step() for _ in range(n)]}, device, rounds)
     tensors, fused = len(list(model.parameters())), optimizer.defaults["fused"]
-    report(f"Adam step on {tensors} tensors, loop vs fused={fused}", seconds["loop"] * 50,
-           seconds["fast"] * 50, device, unit="ms")
+    report(f"Adam step on {tensors} tensors, loop vs fused={fused}", seconds["loop"] / n * 1e3,
+           seconds["fast"] / n * 1e3, device, unit="ms")
 
 
 def main(args):
