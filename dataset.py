@@ -73,21 +73,6 @@ def resize_and_rescale(x, image_size):
     return rescaling(x)
 
 
-def translate(x, shifts):
-    """Shift each image by whole pixels, the edge it uncovers filled by reflecting the image there:
-    x (B, C, H, W), shifts (B, 2) int (dy, dx), each within (-H, H) and (-W, W) ->
-    (B, C, H, W), where out[b, :, i, j] = x[b, :, i - dy, j - dx] wherever that lies inside.
-
-    A reflection copies pixel values, so a quantized image stays quantized, and it adds no flat
-    border the model would learn as a cheap, class-free likelihood.
-    """
-    B, _, H, W = x.shape
-    pad_y, pad_x = int(shifts[:, 0].abs().max()), int(shifts[:, 1].abs().max())
-    padded = F.pad(x, (pad_x, pad_x, pad_y, pad_y), mode="reflect")    # (B, C, H + 2py, W + 2px)
-    return torch.stack([padded[b, :, pad_y - dy:pad_y - dy + H, pad_x - dx:pad_x - dx + W]
-                        for b, (dy, dx) in enumerate(shifts.tolist())])
-
-
 def one_line(err):
     """First line of an exception's message, so errors print as a single `error:` line."""
     lines = str(err).strip().splitlines()

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dataset import DatasetError, TensorImageDataset, load_dataset, rescaling_inv, translate
+from dataset import DatasetError, TensorImageDataset, load_dataset, rescaling_inv
 from model import CHECKPOINT_NAME, DEFAULT_CHECKPOINT, FUSION_MODES, PixelCNN, load_model
 from utils import bayes_predictions, bf16_autocast, bf16_pays, bits_per_dim, \
     dataset_log_likelihoods, discretized_mix_logistic_loss, line_buffered_stdout, pick_device, \
@@ -361,9 +361,6 @@ def setup(args):
         sys.exit(f"error: {err}")
     if ddp and master:
         dist.barrier()
-    if args.translate >= min(train.images.shape[2:]):
-        sys.exit(f"error: --translate {args.translate} must be less than the image size "
-                 f"{tuple(train.images.shape[2:])}")
     if args.disc_rows > train.images.shape[2]:
         sys.exit(f"error: --disc_rows {args.disc_rows} exceeds the image height "
                  f"{train.images.shape[2]}")
@@ -455,19 +452,14 @@ def save_resume(run, progress, start_time):
 
 
 def next_batch(run, perm, i):
-    """Batch i of the epoch's order perm, flipped at random with --flip and shifted at random with
-    --translate: this process's slice, (b, C, H, W) and (b,), on the device. Every process draws
-    the same global batch, flips and shifts."""
+    """Batch i of the epoch's order perm, flipped at random with --flip: this process's slice,
+    (b, C, H, W) and (b,), on the device. Every process draws the same global batch and flips."""
     args = run.args
     idx = perm[i * args.batch_size:(i + 1) * args.batch_size][run.shard]
     x, y = run.train.images[idx], run.train.labels[idx]                     # (b, C, H, W), (b,)
     if args.flip:
         mirror = (torch.rand(args.batch_size, generator=run.data_gen) < 0.5)[run.shard]
         x = torch.where(mirror[:, None, None, None], x.flip(dims=[3]), x)
-    if args.translate:
-        shifts = torch.randint(-args.translate, args.translate + 1, (args.batch_size, 2),
-                               generator=run.data_gen)[run.shard]             # (b, 2): dy, dx
-        x = translate(x, shifts)
     return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
 
 
@@ -767,9 +759,6 @@ def build_parser():
                         "log pi(c)) and write it into the checkpoint")
     p.add_argument("--flip", type=str2bool, nargs="?", const=True, default=False,
                    help="random horizontal flips of training images")
-    p.add_argument("--translate", type=int, default=0,
-                   help="random shifts of training images by up to this many pixels each way, "
-                        "the uncovered edge filled by reflection (0: off)")
     p.add_argument("--disc_weight", type=float, default=0.0,
                    help="hybrid objective: weight of the cross-entropy of softmax_c log p(x|c)")
     p.add_argument("--disc_params", choices=("all", "label"), default="all",
@@ -839,8 +828,6 @@ def parse_args(argv=None):
         parser.error(f"--eval_interval counts epochs (0: at the end only), got {args.eval_interval}")
     if not 0 <= args.lr_cooldown <= 1:
         parser.error(f"--lr_cooldown is a fraction of the run in [0, 1], got {args.lr_cooldown}")
-    if args.translate < 0:
-        parser.error(f"--translate counts pixels (0: off), got {args.translate}")
     if args.disc_rows < 0:
         parser.error(f"--disc_rows counts image rows (0: the whole image), got {args.disc_rows}")
     if not 0 <= args.prior_lr < math.inf:

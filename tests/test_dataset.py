@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 import dataset  # noqa: E402  (needs the repo on sys.path)
 from dataset import (  # noqa: E402
     CLASS_NAMES, NUM_CLASSES, SPLIT_SIZES, CPEN455Dataset, DatasetError, TensorImageDataset,
-    download_cpen455, load_dataset, my_bidict, rescaling, rescaling_inv, translate,
+    download_cpen455, load_dataset, my_bidict, rescaling, rescaling_inv,
 )
 
 SHARED = REPO.parent / "shared"
@@ -180,23 +180,6 @@ def test_rescaling_maps_unit_interval_to_model_range():
     x = torch.linspace(0, 1, 11)
     torch.testing.assert_close(rescaling(x), torch.linspace(-1, 1, 11))
     torch.testing.assert_close(rescaling_inv(rescaling(x)), x)
-
-
-def test_translate_shifts_each_image_with_a_reflected_edge():
-    """Against numpy: pad each image by reflection as far as its own shift, then cut the window
-    the shift points at. Shifts of 0, of either sign and up to H - 1, one per image."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(6, 3, 5, 7, generator=gen)
-    shifts = torch.tensor([[0, 0], [1, -2], [-4, 6], [2, 0], [0, -6], [-1, 3]])
-    out = translate(x, shifts)
-    assert out.shape == x.shape
-    for image, result, (dy, dx) in zip(x.numpy(), out.numpy(), shifts.tolist()):
-        py, px = abs(dy), abs(dx)
-        padded = np.pad(image, ((0, 0), (py, py), (px, px)), mode="reflect")
-        expected = padded[:, py - dy:py - dy + 5, px - dx:px - dx + 7]
-        np.testing.assert_array_equal(result, expected)
-    np.testing.assert_array_equal(out[0].numpy(), x[0].numpy())                 # no shift
-    np.testing.assert_array_equal(out[1, :, 1:, :5].numpy(), x[1, :, :-1, 2:].numpy())
 
 
 def test_class_tables_agree():
