@@ -709,6 +709,8 @@ def main(args):
                   f"-> {run.best_path}, {run.run_dir / 'class_prior.json'}")
     if run.wandb is not None:
         run.wandb.finish()
+    if run.ddp:   # leave together: no process closes its connections while rank 0 still works
+        dist.barrier()
 
 
 def build_parser():

@@ -112,8 +112,9 @@ def test_resume_under_ddp_is_exact(tmp_path, train):
     straight, split = tmp_path / "straight", tmp_path / "split"
     flags = ["--batch_size", "8", "--dropout", "0.5", "--fusion", "gated_last",
              "--disc_weight", "1e-3", "--disc_rows", "4"]
-    assert train(straight, 2, *flags, "--max_steps", "4").returncode == 0
-    assert train(split, 2, *flags, "--max_steps", "2").returncode == 0
+    for run_dir, extra in ((straight, ["--max_steps", "4"]), (split, ["--max_steps", "2"])):
+        proc = train(run_dir, 2, *flags, *extra)
+        assert proc.returncode == 0, proc.stderr
     proc = train(split, 2, *flags, "--max_steps", "4", "--resume")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("resumed from") == 1
