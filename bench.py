@@ -25,9 +25,10 @@ Each line prints the straightforward time, the fast time and their ratio, plus p
 3. Training step at 40 filters, 1 resnet, 5 mixtures, batch 32: float32 eager against bf16
    autocast (the loss in float32), eager and under torch.compile; on a CPU, bf16 eager also with
    nn.Dropout (F.dropout's draw per element) against `layers.Dropout` (a quarter of the draws).
-   Then the CPU preset's step (pcnn_train.PRESETS["cpu"], bf16 where it pays): the hybrid term
-   over the whole image against its band of rows, each also as a multiple of a plain likelihood
-   step, and the images/s of its step at its batch size and at 32; the four run in turn,
+   Then the CPU preset's model and batch (pcnn_train.PRESETS["cpu"], bf16 where it pays) with the
+   hybrid term as the preset ran it until commit cc2330d (HYBRID): the term over the whole image
+   against its band of rows, each also as a multiple of the preset's plain likelihood step, and
+   the images/s of the band step at the preset's batch size and at 32; the four run in turn,
    --train_steps rounds, the fastest counting. Last, Adam's step on the preset's tensors: the loop
    over them against pcnn_train.make_optimizer's (fused where this torch has the kernel).
 Speed does not depend on the weights, so the other models are random.
@@ -55,6 +56,9 @@ from utils import (AMP_RECHECK_NATS, bayes_predictions, bf16_autocast, bf16_pays
 NO_BF16 = "this CPU has no bf16 instructions, and PyTorch's emulation is slower than float32"
 SIZES = {"40/1/5": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5),
          "160/5/10": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10)}
+# The hybrid term as the CPU preset ran it until commit cc2330d: lambda 3e-4 on a quarter of each
+# batch, the classes compared on a band of 8 rows.
+HYBRID = dict(disc_weight=3e-4, disc_fraction=0.25, disc_rows=8)
 
 
 def sync(device):
@@ -237,12 +241,12 @@ def bench_training(device, steps):
 
 
 def bench_hybrid(device, rounds):
-    """The CPU preset's training step (pcnn_train.PRESETS["cpu"]) with the hybrid term on the
-    whole image and on its band of rows, a plain likelihood step for scale, and the band step at
-    the course's batch of 32 for the cost per image of the preset's batch."""
+    """The CPU preset's training step (pcnn_train.PRESETS["cpu"], plain likelihood) against the
+    same step with the hybrid term (HYBRID) on the whole image and on a band of rows, and the
+    band step at the course's batch of 32 for the cost per image of the preset's batch."""
     preset = PRESETS["cpu"]
-    batch, rows, weight = preset["batch_size"], preset["disc_rows"], preset["disc_weight"]
-    m = hybrid_count(preset["disc_fraction"], batch)
+    batch, rows, weight = preset["batch_size"], HYBRID["disc_rows"], HYBRID["disc_weight"]
+    m = hybrid_count(HYBRID["disc_fraction"], batch)
     torch.manual_seed(0)
     model = PixelCNN(nr_resnet=preset["nr_resnet"], nr_filters=preset["nr_filters"],
                      nr_logistic_mix=preset["nr_logistic_mix"], fusion=preset["fusion"],
@@ -267,7 +271,7 @@ def bench_hybrid(device, rounds):
     band = (12, 12 + rows - 1)
     seconds = interleaved({"plain": step(batch, 0, None), "whole": step(batch, m, None),
                            "band": step(batch, m, band),
-                           "band 32": step(32, hybrid_count(preset["disc_fraction"], 32), band)},
+                           "band 32": step(32, hybrid_count(HYBRID["disc_fraction"], 32), band)},
                           device, rounds)
     report(f"train preset step (batch {batch}), term on the whole image vs {rows} rows",
            seconds["whole"], seconds["band"], device)

@@ -50,9 +50,8 @@ from utils import bayes_predictions, bf16_autocast, bf16_pays, bits_per_dim, \
 PRESETS = {
     "cpu": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5, fusion="gated_last", batch_size=8,
                 lr=3e-3, warmup_steps=100, lr_decay=0.9998, lr_cooldown=0.5, ema=0.999,
-                dropout=0.1, flip=True, amp=True, disc_weight=3e-4, disc_fraction=0.25,
-                disc_rows=8, prior_lr=1.0, keep="last", eval_interval=4, max_minutes=30.0,
-                max_epochs=1000, sampling_interval=0),
+                dropout=0.1, flip=True, amp=True, keep="last", eval_interval=4,
+                max_minutes=30.0, max_epochs=1000, sampling_interval=0),
     "gpu": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10, batch_size=64, lr=1e-3,
                 warmup_steps=200, lr_decay=0.99995, ema=0.999, dropout=0.5, flip=True, amp=True,
                 keep="last", max_minutes=25.0, max_epochs=1000, sampling_interval=10),
