@@ -347,6 +347,109 @@ class PixelCNN(nn.Module):
             ul = ul + self.late_proj(cond)[:, :, None, None]
         return self.mixture(ul)
 
+    def forward_step(self, cache, ci, cj=None):
+        """One step of the cached sampler on an `IndexedCache`, at the position `cache.move_to` set:
+        with cj None the `u` stream on row i, as forward_region(cache, (i, i), (0, W - 1), ("u",))
+        computes it (returns None), else the `ul` stream at pixel (i, j), as
+        forward_region(cache, (i, i), (j, j), ("ul",)) does (returns (B, mixture channels, 1, 1)).
+
+        ci, cj: `position_class` of i and j. The class fixes what the step computes (the
+        resolutions whose grid the position is on, the taps of the upsampling layers); the
+        position itself enters only through the cache's index tensors. So a step launches the same
+        kernels with the same arguments at every position of its class, and a CUDA graph captured
+        at one position replays at all the others: nine graphs for the pixels, three for the rows
+        (`utils.sample_fast`). Python slicing by (i, j), as forward_region does, would bake the
+        position into the graph.
+
+        Each layer reads the patch of its input around the position (`IndexedCache.patch`: rows
+        p-2..p and columns q-2..q+1, or the whole of rows p-2..p, p and q the position at the
+        input's resolution) and runs its own `forward_window` on it, so the arithmetic is
+        forward_region's. The position is patch position (2, 2) for a layer of stride 1, (1, 1)
+        for a downsampling one (it reads input rows 2p-1..2p: the unread row p-2 of the patch
+        makes its stride fit), and (4 + p % 2, 4 + q % 2) for an upsampling one (it reads input
+        (p // 2, q // 2)).
+        """
+        row = cj is None
+        stream, cj = ("u", 0) if row else ("ul", cj)
+        W, cond = cache.x.shape[3], cache.cond
+
+        def here(f, r=2, c=2):
+            """Patch position (r, c) at 1/f resolution as a region, the whole row for a row step."""
+            return (r, r), ((0, W // f - 1) if row else (c, c))
+
+        def run(s, key, f, compute):
+            """Store compute() as layer `key`'s output at the position if this step runs stream
+            `s` at 1/f resolution; return the key, which later layers read by."""
+            if s == stream and ci % f == 0 and cj % f == 0:
+                cache.put(key, f, compute(), row)
+            return key
+
+        def patch(key, f):
+            return cache.patch(key, f, row)
+
+        def at(key, f):
+            return cache.at(key, f, row)
+
+        def store(block, f):
+            """A GatedResNet's `store`: write its hidden features, return their patch."""
+            def write_and_read(values, region, height, width):
+                cache.put((block, "hidden"), f, values, row)
+                return patch((block, "hidden"), f)
+            return write_and_read
+
+        early_u, early_ul = (self.early_proj(cond)[:, :, None, None].chunk(2, dim=1)
+                             if self.early_proj is not None else (0, 0))       # (B, F, 1, 1) each
+        x = patch("x", 1)                                                 # (B, C+1, 3, 4 or W)
+        # The channel of ones is 0 in the margins: 1 where the row above (the column to the left)
+        # is in the image, 0 where down_shift (right_shift) shifts in zeros.
+        above, left = (x[:, -1:, 1:2, :1] if row else x[:, -1:, 1:2, 2:3]), x[:, -1:, 2:3, 1:2]
+        u = run("u", "u", 1, lambda: _shifted_window(self.u_init, x, here(1), 1, 0) * above
+                + early_u)
+        ul = run("ul", "ul", 1, lambda: _shifted_window(self.ul_init_up, x, here(1), 1, 0) * above
+                 + _shifted_window(self.ul_init_left, x, here(1), 0, 1) * left + early_ul)
+
+        u_skips, ul_skips = [u], [ul]
+        for stage in range(3):
+            f = 2 ** stage
+            for u_blk, ul_blk in zip(self.up_u[stage], self.up_ul[stage]):
+                u = run("u", u_blk, f, lambda: u_blk.forward_window(
+                    patch(u, f), here(f), store(u_blk, f), cond=cond))
+                ul = run("ul", ul_blk, f, lambda: ul_blk.forward_window(
+                    patch(ul, f), here(f), store(ul_blk, f), at(u, f), cond))
+                u_skips.append(u)
+                ul_skips.append(ul)
+            if stage < 2:
+                down_u, down_ul = self.downsize_u[stage], self.downsize_ul[stage]
+                u = run("u", down_u, 2 * f, lambda: down_u.forward_window(patch(u, f),
+                                                                          here(2 * f, 1, 1)))
+                ul = run("ul", down_ul, 2 * f, lambda: down_ul.forward_window(patch(ul, f),
+                                                                              here(2 * f, 1, 1)))
+                u_skips.append(u)
+                ul_skips.append(ul)
+
+        u, ul = u_skips.pop(), ul_skips.pop()
+        for stage in range(3):
+            f = 4 >> stage
+            for u_blk, ul_blk in zip(self.down_u[stage], self.down_ul[stage]):
+                u_skip, ul_skip = u_skips.pop(), ul_skips.pop()
+                u = run("u", u_blk, f, lambda: u_blk.forward_window(
+                    patch(u, f), here(f), store(u_blk, f), at(u_skip, f), cond))
+                ul = run("ul", ul_blk, f, lambda: ul_blk.forward_window(
+                    patch(ul, f), here(f), store(ul_blk, f),
+                    torch.cat([at(u, f), at(ul_skip, f)], dim=1), cond))
+            if stage < 2:
+                up_u, up_ul, g = self.upsize_u[stage], self.upsize_ul[stage], f // 2
+                tap = here(g, 4 + ci // g % 2, 4 + cj // g % 2)   # the position's parity at 1/g
+                u = run("u", up_u, g, lambda: up_u.forward_window(patch(u, f), tap))
+                ul = run("ul", up_ul, g, lambda: up_ul.forward_window(patch(ul, f), tap))
+
+        if row:
+            return None
+        ul = at(ul, 1)
+        if self.late_proj is not None:
+            ul = ul + self.late_proj(cond)[:, :, None, None]
+        return self.mixture(ul)
+
     def mixture(self, ul):
         """The output layer: (B, F, H, W) features -> (B, mixture channels, H, W), in float32
         even under autocast, as the loss is. In bf16 a mean near 1 would be rounded by up to a
@@ -423,6 +526,160 @@ class LayerCache:
         """The `store` a GatedResNet uses for its hidden features."""
         return lambda values, region, height, width: self.store((block, "hidden"), values, region,
                                                                 height, width)
+
+
+# The zeros around every buffer of an IndexedCache: rows above, columns left and right. With them
+# the patch every layer reads (rows p-2..p, columns q-2..q+1 around position (p, q)) lies inside
+# its buffer at every position.
+MARGIN_TOP, MARGIN_LEFT, MARGIN_RIGHT = 2, 2, 1
+PATCH_ROWS, PATCH_COLS = 3, 4
+
+
+def position_class(i):
+    """The class of row or column i in `PixelCNN.forward_step`: 0 and 2 for i % 4 = 0 and 2, 1 for
+    odd i. It fixes what a step there computes: the 1/2 resolution on even rows and columns, the 1/4
+    on multiples of 4, and the parities at full and 1/2 resolution that pick the upsampling
+    layers' taps."""
+    return i % 4 if i % 2 == 0 else 1
+
+
+class IndexedCache(LayerCache):
+    """A LayerCache that `PixelCNN.forward_step` reads and writes through index tensors on the
+    device instead of Python slices, so that a step's kernels and their arguments do not depend on
+    the position (see forward_step).
+
+    Every buffer has MARGIN_TOP rows of zeros above it and MARGIN_LEFT and MARGIN_RIGHT columns of
+    zeros beside it, so the patch around any position has one shape, and the zeros stand where
+    forward_window pads. Its layer outputs are channels-last, as LayerCache's, and `x` is not, so
+    each layer reads patches laid out as forward_region's windows are. `x` and `layers[key]` are
+    the buffers inside their margins: forward_region runs on this cache unchanged (a completion's
+    kept rows use it). `move_to` points the indices at a position: the indices of every position are
+    tables made once, on the device, and moving copies one row of them.
+    """
+
+    def __init__(self, model, x, labels):
+        super().__init__(model, x, labels)
+        B, _, H, W = self.x.shape
+        self.size = (B, H, W)
+        self.flat = {}            # key -> (flattened view of the padded buffer, its position dim)
+        unpadded, self.x = self.x, self._allocate("x", self.x.shape[1], 1, self.x.dtype,
+                                                  torch.contiguous_format)
+        self.x.copy_(unpadded)
+        self.pixel_table, self.pixel_slices = self._pixel_table(H, W, x.device)
+        self.row_table, self.row_slices = self._row_table(H, W, x.device)
+        self.pixel_index, self.row_index = self.pixel_table[0].clone(), self.row_table[0].clone()
+
+    def move_to(self, i, j=None):
+        """Point the indices at pixel (i, j), or at row i for a row step (j None). Call it outside
+        a CUDA graph: it copies the position's row of the tables on the device."""
+        if j is None:
+            self.row_index.copy_(self.row_table[i])
+        else:
+            self.pixel_index.copy_(self.pixel_table[i * self.size[2] + j])
+
+    def patch(self, key, f, row):
+        """The patch of layer `key` (at 1/f resolution) around the position (p, q) there:
+        (B, C, 3, 4) of rows p-2..p and columns q-2..q+1, or (B, C, 3, W/f) of rows p-2..p."""
+        width = self.size[2] // f if row else PATCH_COLS
+        return self._gather(key, self._index("patch", f, row), width)
+
+    def at(self, key, f, row):
+        """Layer `key`'s output at the position, (B, C, 1, 1), or on its row, (B, C, 1, W/f)."""
+        return self._gather(key, self._index("at", f, row), self.size[2] // f if row else 1)
+
+    def put(self, key, f, values, row):
+        """Write values (B, C, 1, 1), or (B, C, 1, W/f) on the row, at the position into the first
+        C channels of layer `key`'s output (made, zero, on first use)."""
+        if key not in self.flat:
+            self.layers[key] = self._allocate(key, values.shape[1], f, values.dtype,
+                                              torch.channels_last)
+        flat, dim = self.flat[key]
+        index, C = self._index("at", f, row), values.shape[1]
+        if dim == 1:                                         # channels-last: (B, positions, C)
+            flat[:, :, :C].index_copy_(1, index, values.permute(0, 2, 3, 1).reshape(
+                values.shape[0], -1, C))
+        else:                                                # (B, C, positions)
+            flat[:, :C].index_copy_(2, index, values.reshape(*values.shape[:2], -1))
+
+    def noise(self, u):
+        """The pixel's values of u (B, K, H, W), a tensor without margins: (B, K, 1, 1)."""
+        return u.flatten(2).index_select(2, self.pixel_index[self.pixel_slices["noise"]])[..., None]
+
+    def store(self, key, values, region, height, width):
+        """LayerCache.store, into a buffer with margins."""
+        if key not in self.layers:
+            self.layers[key] = self._allocate(key, values.shape[1], self.size[1] // height,
+                                              values.dtype, torch.channels_last)
+        return super().store(key, values, region, height, width)
+
+    def _allocate(self, key, channels, f, dtype, memory_format):
+        """A zero buffer with margins for layer `key` at 1/f resolution; returns its inside."""
+        B, H, W = self.size
+        padded = torch.zeros(B, channels, H // f + MARGIN_TOP, W // f + MARGIN_LEFT + MARGIN_RIGHT,
+                             dtype=dtype, device=self.x.device).to(memory_format=memory_format)
+        if memory_format == torch.channels_last:
+            self.flat[key] = padded.permute(0, 2, 3, 1).view(B, -1, channels), 1  # (B, N, C)
+        else:
+            self.flat[key] = padded.view(B, channels, -1), 2                      # (B, C, N)
+        return padded[:, :, MARGIN_TOP:, MARGIN_LEFT:MARGIN_LEFT + W // f]
+
+    def _gather(self, key, index, width):
+        """The positions `index` of layer `key` as (B, C, len(index) / width, width), laid out as
+        the buffer is."""
+        flat, dim = self.flat[key]
+        out = flat.index_select(dim, index)
+        if dim == 1:
+            return out.view(out.shape[0], -1, width, out.shape[2]).permute(0, 3, 1, 2)
+        return out.view(*out.shape[:2], -1, width)
+
+    def _index(self, kind, f, row):
+        if row:
+            return self.row_index[self.row_slices[kind, f]]
+        return self.pixel_index[self.pixel_slices[kind, f]]
+
+    @staticmethod
+    def _pixel_table(H, W, device):
+        """For every pixel (i, j), in raster order, the flat indices of the patch around
+        (i // f, j // f) and of that position itself in a buffer at 1/f resolution (f = 1, 2, 4),
+        and the pixel's index in an (H, W) tensor without margins. Returns the table
+        (H * W, indices) and the slice of each kind of index in a row of it."""
+        i, j = torch.arange(H)[:, None], torch.arange(W)[None, :]
+        parts = {}
+        for f in (1, 2, 4):
+            width = W // f + MARGIN_LEFT + MARGIN_RIGHT
+            at = (i // f + MARGIN_TOP) * width + j // f + MARGIN_LEFT          # (H, W)
+            offsets = (torch.arange(1 - PATCH_ROWS, 1)[:, None] * width
+                       + torch.arange(2 - PATCH_COLS, 2)).flatten()            # (12,)
+            parts["patch", f] = at[..., None] + offsets                        # (H, W, 12)
+            parts["at", f] = at[..., None]
+        parts["noise"] = (i * W + j)[..., None]
+        return _index_table(parts, H * W, device)
+
+    @staticmethod
+    def _row_table(H, W, device):
+        """For every row i, the flat indices of rows i // f - 2 .. i // f and of row i // f in a
+        buffer at 1/f resolution (f = 1, 2, 4). Returns the table (H, indices) and the slices."""
+        i = torch.arange(H)[:, None]
+        parts = {}
+        for f in (1, 2, 4):
+            width = W // f + MARGIN_LEFT + MARGIN_RIGHT
+            start = (i // f + MARGIN_TOP) * width + MARGIN_LEFT                # (H, 1)
+            offsets = (torch.arange(1 - PATCH_ROWS, 1)[:, None] * width
+                       + torch.arange(W // f)).flatten()                       # (3 W/f,)
+            parts["patch", f] = start + offsets                                # (H, 3 W/f)
+            parts["at", f] = start + torch.arange(W // f)                      # (H, W/f)
+        return _index_table(parts, H, device)
+
+
+def _index_table(parts, n, device):
+    """Concatenate index tensors of n rows ({name: (n, ...)}) into one (n, total) table on
+    `device`, and the slice of each in a row of it."""
+    columns, slices, start = [], {}, 0
+    for name, t in parts.items():
+        columns.append(t.reshape(n, -1))
+        slices[name] = slice(start, start + columns[-1].shape[1])
+        start = slices[name].stop
+    return torch.cat(columns, dim=1).to(device), slices
 
 
 def _window(full, region):

@@ -14,6 +14,7 @@ classification (argmax over classes of log p(x | c)) and the per-pixel explanati
 import functools
 import math
 import sys
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -164,11 +165,16 @@ def _sampling_noise(B, nr_mix, obs, generator, device):
     return u_mix, u_val
 
 
-def _sample_pixel(l, nr_mix, u_mix, u_val, i, j, temperature):
-    """Draw pixel (i, j) from its mixture parameters l (B, 10K, 1, 1), on the 256-level grid."""
-    pixel = sample_from_discretized_mix_logistic(
-        l, nr_mix, u_mix[:, :, i:i + 1, j:j + 1], u_val[:, :, i:i + 1, j:j + 1], temperature)
+def _sample_pixel(l, nr_mix, u_mix, u_val, temperature):
+    """Draw a pixel from its mixture parameters l (B, 10K, 1, 1) and its uniform draws u_mix
+    (B, K, 1, 1) and u_val (B, C, 1, 1), on the 256-level grid."""
+    pixel = sample_from_discretized_mix_logistic(l, nr_mix, u_mix, u_val, temperature)
     return quantize(pixel)                                               # (B, C, 1, 1)
+
+
+def _pixel_noise(u, i, j):
+    """Pixel (i, j) of the draws u (B, K, H, W): (B, K, 1, 1)."""
+    return u[:, :, i:i + 1, j:j + 1]
 
 
 def progress_bar(iterable, desc, enabled=True):
@@ -199,11 +205,13 @@ def sample(model, labels, obs=(3, 32, 32), generator=None, progress=False, tempe
     for i in progress_bar(range(H), "sampling rows", progress):
         for j in range(W):
             l = model(x, labels)[:, :, i:i + 1, j:j + 1]                 # (B, 10K, 1, 1)
-            x[:, :, i:i + 1, j:j + 1] = _sample_pixel(l, nr_mix, u_mix, u_val, i, j, temperature)
+            x[:, :, i:i + 1, j:j + 1] = _sample_pixel(l, nr_mix, _pixel_noise(u_mix, i, j),
+                                                      _pixel_noise(u_val, i, j), temperature)
     return x
 
 
-def _sample_cached(model, x, labels, first_row, u_mix, u_val, temperature, progress):
+def _sample_cached(model, x, labels, first_row, u_mix, u_val, temperature, progress,
+                   step="slice"):
     """Keep rows 0..first_row-1 of x (B, C, H, W) and sample rows first_row..H-1 in raster order
     with the cached region pass; returns a new tensor (x is not written). What x holds from
     first_row on is never read: the cache starts those rows at zero, as `sample_fast` starts its
@@ -215,10 +223,17 @@ def _sample_cached(model, x, labels, first_row, u_mix, u_val, temperature, progr
     one band through both streams; then the `u` stream, which sees only the rows above, once per
     row; the `ul` stream once per pixel at full resolution, and at 1/2 and 1/4 resolution only on
     the pixels where a coarser position gets its last input.
+
+    step: "slice", forward_region's steps, the position sliced by Python ints (the reference);
+    "indexed", the same steps as `PixelCNN.forward_step` takes them, the position in index tensors
+    on the device; "graph", those steps replayed from CUDA graphs (`_sample_indexed`).
     """
-    from model import LayerCache   # utils stays importable without the model module's layers
     if model.training:
         raise ValueError("the cached sampler needs model.eval(): its region pass has no dropout")
+    if step != "slice":
+        return _sample_indexed(model, x, labels, first_row, u_mix, u_val, temperature, progress,
+                               capture=step == "graph")
+    from model import LayerCache   # utils stays importable without the model module's layers
     C, H, W = x.shape[1:]
     nr_mix = model.nr_logistic_mix
     cache = LayerCache(model, x, labels)
@@ -230,29 +245,121 @@ def _sample_cached(model, x, labels, first_row, u_mix, u_val, temperature, progr
             model.forward_region(cache, (i, i), (0, W - 1), streams=("u",))
             for j in range(W):
                 l = model.forward_region(cache, (i, i), (j, j), streams=("ul",))   # (B, 10K, 1, 1)
-                cache.x[:, :C, i:i + 1, j:j + 1] = _sample_pixel(l, nr_mix, u_mix, u_val, i, j,
-                                                                 temperature)
+                cache.x[:, :C, i:i + 1, j:j + 1] = _sample_pixel(
+                    l, nr_mix, _pixel_noise(u_mix, i, j), _pixel_noise(u_val, i, j), temperature)
     return cache.x[:, :C].clone()
 
 
+def _sample_indexed(model, x, labels, first_row, u_mix, u_val, temperature, progress, capture):
+    """`_sample_cached` with the steps of `PixelCNN.forward_step`, whose position is in index
+    tensors on the device (`model.IndexedCache`): the same samples from the same draws. With
+    capture (CUDA only), each of the twelve kinds of step (`model.position_class` of the row, and
+    of the column for a pixel) runs eagerly the first time, is then captured in a CUDA graph, and
+    every later step of its kind replays that graph (`_StepGraphs`), so that a step costs the
+    GPU's work rather than the launches of its few hundred small kernels. Graphs per kind rather
+    than per position (forward_step says why a step can be replayed elsewhere): 12 captures, each
+    the cost of an eager step, instead of H * (W + 1), each replayed up to H * W / 4 times."""
+    from model import IndexedCache, position_class
+    C, H, W = x.shape[1:]
+    nr_mix = model.nr_logistic_mix
+    cache = IndexedCache(model, x, labels)
+    cache.x[:, :C, first_row:] = 0
+    steps = _StepGraphs(capture)
+
+    def pixel_step(ci, cj):
+        l = model.forward_step(cache, ci, cj)                            # (B, 10K, 1, 1)
+        pixel = _sample_pixel(l, nr_mix, cache.noise(u_mix), cache.noise(u_val), temperature)
+        cache.put("x", 1, pixel, row=False)
+
+    with parametrize.cached():   # the weight-norm weights, computed once; the graphs read them
+        if first_row > 0:
+            model.forward_region(cache, (0, first_row - 1), (0, W - 1))
+        for i in progress_bar(range(first_row, H), "sampling rows", progress):
+            ci = position_class(i)
+            cache.move_to(i)
+            steps(("row", ci), functools.partial(model.forward_step, cache, ci))
+            for j in range(W):
+                cj = position_class(j)
+                cache.move_to(i, j)
+                steps(("pixel", ci, cj), functools.partial(pixel_step, ci, cj))
+    return cache.x[:, :C].clone()
+
+
+class _StepGraphs:
+    """Runs the cached sampler's steps by kind: a kind's first step eagerly (it also makes every
+    buffer the kind writes, which a capture must find in place), then, with capture on, captures
+    it in a CUDA graph and replays the graph for every later step of the kind. A failed capture
+    warns once and leaves every later step eager; the eager step is the same computation."""
+
+    def __init__(self, capture):
+        self.capture, self.replays = capture, {}
+
+    def __call__(self, kind, step):
+        if kind in self.replays:
+            self.replays[kind]()
+            return
+        step()
+        if not self.capture:
+            return
+        stream = torch.cuda.current_stream()
+        try:
+            self.replays[kind] = _capture_graph(step)
+        except RuntimeError as err:
+            torch.cuda.set_stream(stream)     # a failed capture can leave its side stream current
+            torch.cuda.synchronize()
+            self.capture = False
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            warnings.warn(f"sampling without CUDA graphs: capturing a step failed: {message}",
+                          stacklevel=2)
+
+
+def _capture_graph(step):
+    """step() captured in a CUDA graph (on the current CUDA device): returns the graph's replay,
+    which launches step's kernels again on the tensors they used, without Python."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 @torch.inference_mode()
-def sample_fast(model, labels, obs=(3, 32, 32), generator=None, progress=False, temperature=1.0):
+def sample_fast(model, labels, obs=(3, 32, 32), generator=None, progress=False, temperature=1.0,
+                cuda_graph=None):
     """The same samples as `sample`, given the same generator and temperature, in about one forward
-    pass of compute (the cached region pass of `_sample_cached`). Needs model.eval()."""
+    pass of compute (the cached region pass of `_sample_cached`). Needs model.eval().
+
+    cuda_graph: None (the default) replays each step from a CUDA graph on a CUDA device and takes
+    the plain steps elsewhere; True takes the graphs' steps (`PixelCNN.forward_step`), captured on
+    CUDA, eager elsewhere (how the tests check them on a CPU); False the plain steps
+    (`PixelCNN.forward_region`, the reference), which on a CPU are faster. A failed capture falls
+    back to eager steps with a warning. All give the same samples from the same generator.
+    """
     check_temperature(temperature)
     u_mix, u_val = _sampling_noise(labels.shape[0], model.nr_logistic_mix, obs, generator,
                                    labels.device)
     x = torch.zeros(labels.shape[0], *obs, device=labels.device)
-    return _sample_cached(model, x, labels, 0, u_mix, u_val, temperature, progress)
+    return _sample_cached(model, x, labels, 0, u_mix, u_val, temperature, progress,
+                          _cached_step(cuda_graph, labels.device))
+
+
+def _cached_step(cuda_graph, device):
+    """The `step` of `_sample_cached` for sample_fast's `cuda_graph` on `device`."""
+    if cuda_graph is False:
+        return "slice"
+    if device.type == "cuda":
+        return "graph"
+    return "indexed" if cuda_graph else "slice"
 
 
 @torch.inference_mode()
-def complete(model, x, labels, rows, generator=None, temperature=1.0, progress=False):
+def complete(model, x, labels, rows, generator=None, temperature=1.0, progress=False,
+             cuda_graph=None):
     """Class-conditional completion: keep the first `rows` rows of x (B, C, H, W) exactly and
     sample the rest under `labels` (int64 (B,)) with the cached sampler. Returns (B, C, H, W).
 
     The noise is drawn for the whole image, as `sample_fast` draws it, so rows=0 gives exactly
-    the images `sample_fast` gives from the same generator. Needs model.eval().
+    the images `sample_fast` gives from the same generator. Needs model.eval(). cuda_graph: as
+    in `sample_fast`.
     """
     check_temperature(temperature)
     B, C, H, W = x.shape
@@ -261,7 +368,8 @@ def complete(model, x, labels, rows, generator=None, temperature=1.0, progress=F
     if not (isinstance(rows, int) and 0 <= rows <= H):
         raise ValueError(f"rows must be an integer from 0 to the image height {H}, got {rows!r}")
     u_mix, u_val = _sampling_noise(B, model.nr_logistic_mix, (C, H, W), generator, x.device)
-    return _sample_cached(model, x, labels, rows, u_mix, u_val, temperature, progress)
+    return _sample_cached(model, x, labels, rows, u_mix, u_val, temperature, progress,
+                          _cached_step(cuda_graph, x.device))
 
 
 def class_pixel_log_likelihoods(model, x, num_classes):
@@ -359,12 +467,23 @@ def eval_batch_size(device):
 # gated-fusion model (`python bench.py --only classification` prints the largest move), and a
 # smaller gap could flip the prediction. 45 keeps half as much again in hand.
 AMP_RECHECK_NATS = 45.0
+# The same on other devices. A GPU's bf16 kernels round otherwise: on an NVIDIA H200 (torch
+# 2.11+cu130) bf16 moved the gap by up to 45.5 nats under the model shipped since commit 7bc87c4,
+# beyond the CPU's 45, and changed 1 of its 519 predictions. Twice that move; bf16 buys no speed
+# there anyway (0.42 s against float32's 0.26 s, recheck included), so classification_evaluation.py
+# scores in float32 unless asked for --amp.
+GPU_AMP_RECHECK_NATS = 91.0
+
+
+def amp_recheck_nats(device):
+    """The default `recheck` of `dataset_log_likelihoods` on `device`: AMP_RECHECK_NATS on a CPU,
+    GPU_AMP_RECHECK_NATS elsewhere."""
+    return AMP_RECHECK_NATS if torch.device(device).type == "cpu" else GPU_AMP_RECHECK_NATS
 
 
 @torch.no_grad()
 def dataset_log_likelihoods(model, images, num_classes, batch_size=None, device="cpu",
-                            tta=None, progress=False, autocast=nullcontext,
-                            recheck=AMP_RECHECK_NATS):
+                            tta=None, progress=False, autocast=nullcontext, recheck=None):
     """log p(x | c) for a whole split, in file order: images (N, C, H, W) -> (N, num_classes), on CPU.
 
     `batch_size` counts images (default: `eval_batch_size(device)`); each batch makes
@@ -378,11 +497,12 @@ def dataset_log_likelihoods(model, images, num_classes, batch_size=None, device=
     `bayes_predictions` ranks them), that image's classes within `recheck` of its best are scored
     again without it, so that rounding decides no close call; the classes further down keep their
     autocast scores (rounding moves a gap by less than `recheck`, so they stay below). recheck=0
-    keeps every autocast score.
+    keeps every autocast score; None (the default) is `amp_recheck_nats(device)`, wider on a GPU.
     """
     if tta not in (None, "none", "flip"):
         raise ValueError(f"tta must be None, 'none' or 'flip', got {tta!r}")
     batch_size = batch_size or eval_batch_size(device)
+    recheck = amp_recheck_nats(device) if recheck is None else recheck
     out = []
     with parametrize.cached():
         for s in progress_bar(range(0, images.shape[0], batch_size), "log p(x|c)", progress):
