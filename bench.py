@@ -9,9 +9,11 @@ Each line prints the straightforward time, the fast time and their ratio, plus p
 1. Sampling 100 images (25 per class) at 32x32: `utils.sample` (one full forward pass per pixel)
    against `utils.sample_fast` (each layer computed once per position, from a cache). The slow path
    is timed on a few full passes, scaled to the 1024 pixels; the fast path on the first `--rows`
-   rows of an image, scaled to 32 rows (every row costs about the same). Then images/s of the whole
-   `sample_fast` at 40/1/5, batch 1, 16 and 100. The tests prove the two samplers draw identical
-   samples.
+   rows of an image, scaled to 32 rows (every row costs about the same). On CUDA also
+   `sample_fast`'s default there, its steps replayed from CUDA graphs, timed on whole images (the
+   graphs' capture included), against the naive sampler and against the eager steps. Then images/s
+   of the whole `sample_fast` at 40/1/5, batch 1, 16 and 100 (on CUDA with and without the graphs).
+   The tests prove that the samplers draw identical samples.
 2. Classifying the 519 validation images: the course's pattern (a forward pass per class per
    batch of 32 and a Python loop over images in the loss) against `dataset_log_likelihoods` with
    its defaults (8 images per batch on a CPU, weight norm computed once), in float32 and under
@@ -21,16 +23,16 @@ Each line prints the straightforward time, the fast time and their ratio, plus p
    with --checkpoint (the shipped model, models/conditional_pixelcnn.pth, by default) when it is
    there. The paths run in turn, --rounds times, and each one's fastest round counts. Then the
    GFLOP of one pass, and one upsampling layer's transposed convolution against its
-   matrix-product forward.
+   matrix-product forward (the layer's forward takes the latter on a CPU only).
 3. Training step at 40 filters, 1 resnet, 5 mixtures, batch 32: float32 eager against bf16
    autocast (the loss in float32), eager and under torch.compile; on a CPU, bf16 eager also with
    nn.Dropout (F.dropout's draw per element) against `layers.Dropout` (a quarter of the draws).
-   Then the CPU preset's model and batch (pcnn_train.PRESETS["cpu"], bf16 where it pays) with the
-   hybrid term as the preset ran it until commit cc2330d (HYBRID): the term over the whole image
-   against its band of rows, each also as a multiple of the preset's plain likelihood step, and
-   the images/s of the band step at the preset's batch size and at 32; the four run in turn,
-   --train_steps rounds, the fastest counting. Last, Adam's step on the preset's tensors: the loop
-   over them against pcnn_train.make_optimizer's (fused where this torch has the kernel).
+   Then the step pcnn_train.py runs (training.GuardedStep) at the preset's model and batch
+   (training.PRESETS: "gpu" on CUDA, "cpu" elsewhere): eager, and on CUDA also replayed from a
+   CUDA graph at 1, 2 and 4 times the preset's batch, with the time of the first steps (the
+   capture included).
+   Last, Adam's step on the CPU preset's tensors: the loop over them against
+   training.make_optimizer's (fused where this torch has the kernel).
 Speed does not depend on the weights, so the other models are random.
 """
 
@@ -42,23 +44,20 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import DatasetError, load_dataset
 from layers import GatedResNet
 from model import DEFAULT_CHECKPOINT, PixelCNN, load_model
-from pcnn_train import PRESETS, hybrid_count, make_optimizer, training_pass
-from utils import (AMP_RECHECK_NATS, bayes_predictions, bf16_autocast, bf16_pays,
+from training import GRAPH_WARMUP_STEPS, PRESETS, make_optimizer, standalone_step
+from utils import (amp_recheck_nats, bayes_predictions, bf16_autocast, bf16_pays,
                    class_log_likelihoods, dataset_log_likelihoods, discretized_mix_logistic_loss,
                    pick_device, sample_fast)
 
 NO_BF16 = "this CPU has no bf16 instructions, and PyTorch's emulation is slower than float32"
 SIZES = {"40/1/5": dict(nr_resnet=1, nr_filters=40, nr_logistic_mix=5),
          "160/5/10": dict(nr_resnet=5, nr_filters=160, nr_logistic_mix=10)}
-# The hybrid term as the CPU preset ran it until commit cc2330d: lambda 3e-4 on a quarter of each
-# batch, the classes compared on a band of 8 rows.
-HYBRID = dict(disc_weight=3e-4, disc_fraction=0.25, disc_rows=8)
+STEPS_PER_CALL = 10            # guarded training steps per timed call
 
 
 def sync(device):
@@ -103,21 +102,34 @@ def report(name, slow, fast, device, unit="s"):
 
 @torch.inference_mode()
 def bench_sampling(device, slow_pixels, rows):
+    """The naive sampler against sample_fast's eager steps (cuda_graph=False; the default on a
+    CPU) and, on CUDA, against its steps replayed from CUDA graphs (the default there)."""
     labels = torch.arange(4, device=device).repeat_interleave(25)          # 25 per class
     H = W = 32
+    cuda = device.type == "cuda"
     for name, size in SIZES.items():
         model = PixelCNN(**size).to(device).eval()
         x = torch.zeros(100, 3, H, W, device=device)
-        per_pixel = timed(lambda: model(x, labels), device, repeat=slow_pixels)
-        per_row = timed(lambda: sample_fast(model, labels, (3, rows, W)), device, warmup=False) / rows
-        report(f"sample 100 images, {name} (est. from {slow_pixels} px / {rows} rows)",
-               per_pixel * H * W, per_row * H, device)
+        slow = timed(lambda: model(x, labels), device, repeat=slow_pixels) * H * W
+        eager = timed(lambda: sample_fast(model, labels, (3, rows, W), cuda_graph=False), device,
+                      warmup=False) / rows * H
+        report(f"sample 100 images, {name} (est. from {slow_pixels} px / {rows} rows)", slow,
+               eager, device)
+        if cuda:
+            graphs = timed(lambda: sample_fast(model, labels, (3, H, W), cuda_graph=True), device,
+                           warmup=False)
+            report(f"  the same, steps replayed from CUDA graphs (all {H} rows)", slow, graphs,
+                   device)
+            print(f"  CUDA graphs: {eager / graphs:.1f}x the eager steps", flush=True)
     model = PixelCNN(**SIZES["40/1/5"]).to(device).eval()
     for batch in (1, 16, 100):
         labels = torch.arange(batch, device=device) % 4
-        seconds = timed(lambda: sample_fast(model, labels, (3, H, W)), device, warmup=False)
-        print(f"  sample_fast 40/1/5, batch {batch:>3}: {batch / seconds:7.2f} images/s "
-              f"({seconds:.1f} s)", flush=True)
+        for cuda_graph in ((True, False) if cuda else (False,)):
+            seconds = timed(lambda: sample_fast(model, labels, (3, H, W), cuda_graph=cuda_graph),
+                            device, warmup=False)
+            how = ", CUDA graphs" if cuda_graph else ""
+            print(f"  sample_fast 40/1/5{how}, batch {batch:>3}: {batch / seconds:7.2f} images/s "
+                  f"({seconds:.1f} s)", flush=True)
 
 
 @torch.inference_mode()
@@ -154,7 +166,7 @@ def bench_classification(device, val, model, model_name, rounds):
     size = "/".join(str(model.config[k]) for k in ("nr_filters", "nr_resnet", "nr_logistic_mix"))
     report(f"classify {len(val.images)} validation images, {size}", slow, seconds["fp32"], device)
     if bf16_pays(device):
-        report(f"  the same under bf16 autocast ({AMP_RECHECK_NATS:g}-nat recheck)", slow,
+        report(f"  the same under bf16 autocast ({amp_recheck_nats(device):g}-nat recheck)", slow,
                seconds["bf16"], device)
         report("  the same, bf16 without the float32 recheck", slow,
                seconds["bf16 without recheck"], device)
@@ -177,7 +189,8 @@ def bench_classification(device, val, model, model_name, rounds):
 def bench_pass_work(device, model, images, num_classes):
     """What one classification pass costs: its GFLOP (8 images under every class; the layers
     before the label enters run once per image), and the time of one upsampling layer as the
-    transposed convolution (`reference_forward`) against its matrix-product forward."""
+    transposed convolution (`reference_forward`) against its matrix-product forward (which the
+    layer's forward takes on a CPU only)."""
     x = images[:8].to(device)
     # FlopCounterMode fails on weight-normalised layers under inference mode (the parametrized
     # weight cannot be computed there); no_grad is enough for counting.
@@ -193,7 +206,7 @@ def bench_pass_work(device, model, images, num_classes):
     for precision, autocast in precisions.items():
         with autocast():
             slow = timed(lambda: deconv.reference_forward(h), device, repeat=20)
-            fast = timed(lambda: deconv(h), device, repeat=20)
+            fast = timed(lambda: deconv.matrix_product_forward(h), device, repeat=20)
         report(f"  deconvolution {tuple(h.shape)}, {precision}", slow * 1e3, fast * 1e3, device,
                unit="ms")
 
@@ -240,47 +253,57 @@ def bench_training(device, steps):
                1 / results["bf16 F.dropout"], 1 / results["bf16 eager"], device, unit="s/img")
 
 
-def bench_hybrid(device, rounds):
-    """The CPU preset's training step (pcnn_train.PRESETS["cpu"], plain likelihood) against the
-    same step with the hybrid term (HYBRID) on the whole image and on a band of rows, and the
-    band step at the course's batch of 32 for the cost per image of the preset's batch."""
-    preset = PRESETS["cpu"]
-    batch, rows, weight = preset["batch_size"], HYBRID["disc_rows"], HYBRID["disc_weight"]
-    m = hybrid_count(HYBRID["disc_fraction"], batch)
+def bench_guarded_step(device, rounds):
+    """The training step as pcnn_train.py runs it (training.GuardedStep: forward, loss, backward,
+    clip, fused Adam, EMA, spike guard) at a preset's model, bf16 where it pays: eager at the
+    preset's batch, and on CUDA also captured in a CUDA graph at that batch and at twice and four
+    times it. The modes run in turn, `rounds` timed calls of STEPS_PER_CALL steps each, the
+    fastest counting. (Not torch.compile: compiling the GPU preset's whole model takes minutes.)"""
+    preset = PRESETS["gpu" if device.type == "cuda" else "cpu"]
+    batch = preset["batch_size"]
+    modes = {f"eager, batch {batch}": (False, batch)}
+    if device.type == "cuda":
+        modes |= {f"graph, batch {b}": (True, b) for b in (batch, 2 * batch, 4 * batch)}
     torch.manual_seed(0)
     model = PixelCNN(nr_resnet=preset["nr_resnet"], nr_filters=preset["nr_filters"],
                      nr_logistic_mix=preset["nr_logistic_mix"], fusion=preset["fusion"],
                      dropout=preset["dropout"]).to(device)
-    optimizer = make_optimizer(model.parameters(), 2e-4, device)
-    autocast = bf16_autocast(device, bf16_pays(device))
-
-    def step(b, m, rows_compared):
+    steps = {}
+    for mode, (graph, b) in modes.items():
         x = torch.rand(b, 3, 32, 32, device=device) * 2 - 1
         y = torch.randint(0, 4, (b,), device=device)
+        step = standalone_step(model, preset["lr"], preset["ema"], cuda_graph=graph,
+                               autocast=bf16_autocast(device, bf16_pays(device),
+                                                      cache_enabled=not graph))
+        start = time.perf_counter()
+        for _ in range(GRAPH_WARMUP_STEPS + 1):      # eager warm-up, then the capture
+            step(x, y, 1e-9, 0.0)
+        step.readback()
+        print(f"  {mode}: first {GRAPH_WARMUP_STEPS + 1} steps {time.perf_counter() - start:.1f} s",
+              flush=True)
 
-        def run():
-            with autocast():
-                nll, logits = training_pass(model, x, y, 4, m, rows=rows_compared)  # (b,), (m, 4)
-                loss = nll.mean() / x[0].numel()
-                if m:
-                    loss = loss + weight * F.cross_entropy(logits, y[:m])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return run
-    band = (12, 12 + rows - 1)
-    seconds = interleaved({"plain": step(batch, 0, None), "whole": step(batch, m, None),
-                           "band": step(batch, m, band),
-                           "band 32": step(32, hybrid_count(HYBRID["disc_fraction"], 32), band)},
-                          device, rounds)
-    report(f"train preset step (batch {batch}), term on the whole image vs {rows} rows",
-           seconds["whole"], seconds["band"], device)
-    print(f"  per plain likelihood step: whole image {seconds['whole'] / seconds['plain']:.2f}x, "
-          f"{rows} rows {seconds['band'] / seconds['plain']:.2f}x", flush=True)
-    print(f"  images/s of the band step: {batch / seconds['band']:.1f} at batch {batch}, "
-          f"{32 / seconds['band 32']:.1f} at batch 32", flush=True)
+        def call(step=step, x=x, y=y):
+            for _ in range(STEPS_PER_CALL):
+                step(x, y, 1e-9, 0.0)
+            step.readback()
+        steps[mode] = (call, b)
+    seconds = interleaved({mode: call for mode, (call, _) in steps.items()}, device, rounds)
+    size = f"{preset['nr_filters']}/{preset['nr_resnet']}/{preset['nr_logistic_mix']}"
+    for mode, s in seconds.items():
+        print(f"  guarded step {size}, {mode}: {steps[mode][1] * STEPS_PER_CALL / s:8.1f} images/s",
+              flush=True)
+    eager = next(iter(seconds))
+    for mode in list(seconds)[1:]:
+        report(f"train {size}, images/s of {eager} vs {mode}", seconds[eager] / batch,
+               seconds[mode] / steps[mode][1], device, unit="s/img")
 
-    # The optimizer's share of that step: Adam's loop over the tensors against make_optimizer's.
+
+def bench_adam(device, rounds):
+    """Adam's step on the CPU preset's tensors: the loop over them against make_optimizer's."""
+    preset = PRESETS["cpu"]
+    model = PixelCNN(nr_resnet=preset["nr_resnet"], nr_filters=preset["nr_filters"],
+                     nr_logistic_mix=preset["nr_logistic_mix"], fusion=preset["fusion"]).to(device)
+    optimizer = make_optimizer(model.parameters(), 2e-4, device)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     loop = torch.optim.Adam(model.parameters(), lr=2e-4, foreach=False)
@@ -311,7 +334,8 @@ def main(args):
                              args.rounds)
     if "training" in sections:
         bench_training(device, args.train_steps)
-        bench_hybrid(device, args.train_steps)
+        bench_guarded_step(device, args.train_steps)
+        bench_adam(device, args.train_steps)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ conditional PixelCNN++ (pi: the class prior the checkpoint holds), with the cour
     python classification_evaluation.py -m test --fid VALUE      # ... with the row fid,VALUE last
     python classification_evaluation.py --explain 4              # also explain_validation.png
 
+It first says which checkpoint it scores, its model configuration and the class prior it adds.
 For a labelled split it prints `Accuracy: <float>` (the line the course grades), then per-class
 accuracy, macro F1 and the confusion matrix, and saves the matrix as a PNG. For the unlabelled
 test split it writes `submission.csv` in one of the course's two forms (SUBMISSION_FORMATS) and
-`logits.npy` (N x classes log p(x | c)), both in test.csv's order. `--explain K` draws, for K
-images (misclassified ones first), how much more likely each pixel is under each class than under
-the average class.
+`logits.npy` (N x classes log p(x | c)), both in test.csv's order. Files go to --out_dir
+(runs/classification, which git ignores). `--explain K` draws, for K images (misclassified ones
+first), how much more likely each pixel is under each class than under the average class.
 """
 
 import argparse
@@ -25,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset import DatasetError, load_dataset, rescaling_inv
+from cli import POSITIVE_INT, check_output_dirs, errors_in_one_line, unwritable
+from dataset import DatasetError, check_splits, load_dataset, rescaling_inv
 from model import DEFAULT_CHECKPOINT, load_model
-from pcnn_train import atomic_save
-from utils import (AMP_RECHECK_NATS, bayes_predictions, bf16_autocast, class_log_likelihoods,
-                   class_pixel_log_likelihoods, dataset_log_likelihoods, line_buffered_stdout,
-                   pick_device, set_fitted_class_prior)
+from training import atomic_save
+from utils import (AMP_RECHECK_NATS, GPU_AMP_RECHECK_NATS, bayes_predictions, bf16_autocast,
+                   class_log_likelihoods, class_pixel_log_likelihoods, dataset_log_likelihoods,
+                   line_buffered_stdout, pick_device, set_fitted_class_prior)
 
 # The two forms of submission.csv the course's terms took, by --submission_format.
 SUBMISSION_FORMATS = {
@@ -190,6 +192,17 @@ def fit_prior_on_train(model, args, device, autocast):
           f"-> {args.save_checkpoint}")
 
 
+def describe_prior(model, args):
+    """Which class prior the Bayes classifier adds, in words, with its values."""
+    values = f"log pi = [{', '.join(f'{v:.2f}' for v in model.class_log_prior.tolist())}]"
+    if args.prior == "fit":
+        return f"fitted now on the training split, {values}"
+    if args.prior == "uniform":
+        return f"uniform (--prior uniform), {values}"
+    uniform = torch.allclose(model.class_log_prior, model.uniform_log_prior())
+    return f"the checkpoint's ({'uniform: none fitted' if uniform else 'fitted'}), {values}"
+
+
 def main(args):
     # Mistakes in the flags fail here, before minutes of classification.
     if args.fid is not None and not math.isfinite(args.fid):
@@ -204,8 +217,10 @@ def main(args):
     except (FileNotFoundError, ValueError, DatasetError) as err:
         sys.exit(f"error: {err}")
     if data.num_classes != model.num_classes:
-        sys.exit(f"error: the model knows {model.num_classes} classes, the {args.dataset} data "
-                 f"has {data.num_classes}")
+        sys.exit(f"error: {args.checkpoint} knows {model.num_classes} classes, the "
+                 f"{args.dataset} data has {data.num_classes}: pass the checkpoint of a model "
+                 f"trained on it (--checkpoint), or the dataset the model was trained on "
+                 f"(--dataset)")
     if args.amp and device.type not in ("cuda", "cpu"):
         sys.exit(f"error: --amp runs on cuda or cpu, not {device}")
     autocast = bf16_autocast(device, args.amp)
@@ -213,13 +228,15 @@ def main(args):
         model.class_log_prior.copy_(model.uniform_log_prior())
     elif args.prior == "fit":
         fit_prior_on_train(model, args, device, autocast)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)     # before minutes of classification, not after
+    print(f"classifying the {args.mode} split of {args.data_dir} ({len(data)} images) with "
+          f"{args.checkpoint}: PixelCNN({model.config}); class prior: "
+          f"{describe_prior(model, args)}")
     ll = dataset_log_likelihoods(model, data.images, model.num_classes, args.batch_size, device,
                                  tta=args.tta, progress=True, autocast=autocast,
                                  recheck=args.amp_recheck)                            # (N, classes)
     predictions = bayes_predictions(model, ll)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     explain_png = out_dir / f"explain_{args.mode}.png"
 
     if (data.labels < 0).all():   # unlabelled (the course's test split): write the submission
@@ -254,7 +271,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-i", "--data_dir", default="data", help="folder holding the dataset")
-    p.add_argument("-b", "--batch_size", type=int, default=None,
+    p.add_argument("-b", "--batch_size", type=POSITIVE_INT, default=None,
                    help="images per batch (each makes one network pass per class); default: "
                         "8 on a CPU, 32 elsewhere")
     p.add_argument("-m", "--mode", choices=("validation", "train", "test"), default="validation",
@@ -271,11 +288,13 @@ def build_parser():
     p.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: average the log-likelihoods of the image and its mirror image")
     p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast: faster where the hardware has bf16, and log-likelihoods "
-                        "rounded (bench.py counts the predictions that change)")
-    p.add_argument("--amp_recheck", type=float, default=AMP_RECHECK_NATS, metavar="NATS",
+                   help="bf16 autocast: faster on a CPU with bf16 instructions, slower than the "
+                        "default float32 on CUDA (an H200), and log-likelihoods rounded (bench.py "
+                        "counts the predictions that change)")
+    p.add_argument("--amp_recheck", type=float, default=None, metavar="NATS",
                    help="with --amp, score again in float32 the images whose two best classes "
-                        "lie less than NATS apart (0: never)")
+                        f"lie less than NATS apart (0: never; None: {AMP_RECHECK_NATS:g} on a "
+                        f"CPU, {GPU_AMP_RECHECK_NATS:g} elsewhere, utils.amp_recheck_nats)")
     p.add_argument("--submission_format", choices=sorted(SUBMISSION_FORMATS), default="id_label",
                    help="form of the test split's submission.csv: "
                         + "; ".join(f"{k}: {v}" for k, v in SUBMISSION_FORMATS.items()))
@@ -286,8 +305,9 @@ def build_parser():
                    help="also write explain_<mode>.png: for K images (misclassified ones first) "
                         "how much more likely each pixel is under each class than on average "
                         "(the maps score the image alone, without --tta)")
-    p.add_argument("--out_dir", default=".",
-                   help="where submission.csv, logits.npy and the confusion and explanation PNGs go")
+    p.add_argument("--out_dir", default="runs/classification",
+                   help="where submission.csv, logits.npy and the confusion and explanation PNGs "
+                        "go (runs/ is git-ignored)")
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
                    help="auto picks cuda, then mps, then cpu")
     return p
@@ -302,11 +322,23 @@ def parse_args(argv=None):
     if (args.prior == "fit") != (args.save_checkpoint is not None):
         parser.error("--prior fit and --save_checkpoint PATH go together: the fitted prior is "
                      "written into the model at PATH")
-    if not 0 <= args.amp_recheck < math.inf:
+    if args.amp_recheck is not None and not 0 <= args.amp_recheck < math.inf:
         parser.error(f"--amp_recheck needs a number of nats >= 0, got {args.amp_recheck}")
+    # Paths too fail here, in a second, not after the whole split was scored.
+    check_output_dirs(parser, args, "out_dir")
+    if args.save_checkpoint is not None:
+        reason = unwritable(Path(args.save_checkpoint).parent)
+        if reason:
+            parser.error(f"--save_checkpoint {args.save_checkpoint}: {reason}")
+    try:
+        check_splits(args.dataset, args.data_dir,
+                     (args.mode, "train") if args.prior == "fit" else (args.mode,))
+    except DatasetError as err:
+        parser.error(str(err))
     return args
 
 
 if __name__ == "__main__":
     line_buffered_stdout()
-    main(parse_args())
+    with errors_in_one_line():
+        main(parse_args())

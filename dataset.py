@@ -112,6 +112,27 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return self.images[i], int(self.labels[i])
 
 
+def missing_split(data_dir, mode):
+    """The one-line message for a CPEN455 folder without the CSV of split `mode`."""
+    return (f"{Path(data_dir) / f'{mode}.csv'} not found: {data_dir} holds no {mode} split. Pass "
+            f"--data_dir a folder with {', '.join(f'{m}.csv' for m in SPLIT_SIZES)} and their "
+            f"images, or fetch one with `python dataset.py --download --data_dir DIR`")
+
+
+def check_splits(name, data_dir, modes, download=False):
+    """Raise DatasetError at once, before any image is decoded, when the CPEN455 folder data_dir
+    lacks the CSV of one of `modes`. With `download`, a folder without train.csv is fine:
+    load_dataset fetches every split into it. CIFAR-10 and MNIST are left to torchvision."""
+    data_dir = Path(data_dir)
+    if name != "cpen455" or (download and not (data_dir / "train.csv").is_file()):
+        return
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DatasetError(f"{data_dir} is not a folder")
+    for mode in modes:
+        if not (data_dir / f"{mode}.csv").is_file():
+            raise DatasetError(missing_split(data_dir, mode))
+
+
 class CPEN455Dataset(TensorImageDataset):
     """One split of the CPEN455 dataset, decoded once into memory.
 
@@ -135,7 +156,7 @@ class CPEN455Dataset(TensorImageDataset):
                                f"`python dataset.py --download --data_dir {self.root_dir}`")
         csv_path = self.root_dir / f"{mode}.csv"
         if not csv_path.is_file():
-            raise DatasetError(f"CSV file {csv_path} not found")
+            raise DatasetError(missing_split(self.root_dir, mode))
         if transform is None:
             transform = partial(resize_and_rescale, image_size=image_size)
 
@@ -285,8 +306,10 @@ def download_cpen455(data_dir, url=DEFAULT_URL):
                 os.replace(data_dir / name, replaced / name)
             os.replace(extracted / name, data_dir / name)
     except (OSError, zipfile.BadZipFile, http.client.HTTPException) as err:
-        raise DatasetError(f"could not install the CPEN455 dataset from {url}: "
-                           f"{one_line(err)}") from None
+        raise DatasetError(f"could not install the CPEN455 dataset from {url}: {one_line(err)}. "
+                           f"Without internet, copy a folder that holds train.csv, "
+                           f"validation.csv, test.csv and their images from a machine that has "
+                           f"it, and pass --data_dir FOLDER") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"installed the CPEN455 dataset in {data_dir}")

@@ -17,9 +17,10 @@ with one row per class next to that folder (`samples_grid.png`), and prints
 
 FID needs pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth, 96 MB). With
 internet they are downloaded once into the torch hub cache; on a machine without it (a cluster
-node), fetch the file elsewhere and pass `--fid_weights PATH`. Exit codes: 1 bad input (missing
-checkpoint or reference folder, found before sampling), 2 the Inception weights are unavailable,
-3 FID undefined for this many samples; after 2 and 3 the samples are kept.
+node), fetch the file elsewhere and pass `--fid_weights PATH`. Exit codes: 1 bad input found
+before sampling (a missing checkpoint or reference folder, --fid_weights that are not the
+weights), 2 bad flags (before anything else) or, after sampling, no Inception weights in the hub
+cache, 3 FID undefined for this many samples; after 2 and 3 the samples are kept.
 
 Two figures instead of the samples and FID (both go in `<gen_data_dir>/grids/`, a subfolder, so
 FID never reads them):
@@ -51,6 +52,7 @@ from pytorch_fid.fid_score import (IMAGE_EXTENSIONS, calculate_activation_statis
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 from torchvision.utils import make_grid, save_image
 
+from cli import COUNT, POSITIVE_INT, check_output_dirs, errors_in_one_line
 from dataset import CLASS_NAMES, my_bidict, one_line, rescaling_inv, resize_and_rescale
 from model import DEFAULT_CHECKPOINT, load_model
 from utils import (bayes_predictions, check_temperature, class_log_posterior, complete,
@@ -388,7 +390,8 @@ def frechet_distance(stats_gen, stats_ref):
 def prepare_fid(args, device):
     """What FID needs, checked before any long sampling: (reference files, Inception network,
     the FIDWeightsError that kept the network from being built), all None with --skip_fid.
-    Exits on a missing reference folder."""
+    Exits on a missing reference folder, and on --fid_weights that are not the weights (a
+    truncated download): the user named that file. Weights the hub cannot fetch only warn."""
     if args.skip_fid:
         return None, None, None
     ref_files = image_files(args.ref_data_dir)
@@ -398,6 +401,8 @@ def prepare_fid(args, device):
     try:
         return ref_files, build_fid_inception(args.dims, device, args.fid_weights), None
     except FIDWeightsError as err:
+        if args.fid_weights is not None:
+            sys.exit(f"error: {err}")
         print(f"warning: {err}. Sampling anyway; FID will be skipped.")
         return ref_files, None, err
 
@@ -482,20 +487,20 @@ def parse_args(argv=None):
     p.add_argument("--gen_data_dir", default="samples",
                    help="where the PNGs go (its old <class>_<index>.png files are removed first)")
     p.add_argument("--ref_data_dir", default="data/test", help="reference images for FID")
-    p.add_argument("--n_per_class", type=int, default=SAMPLES_PER_CLASS,
+    p.add_argument("--n_per_class", type=POSITIVE_INT, default=SAMPLES_PER_CLASS,
                    help="images sampled per class")
     p.add_argument("--image_size", type=int, default=IMAGE_SIZE,
                    help="side of the sampled images (divisible by 4); the course grades 32")
     p.add_argument("--dims", type=int, default=FID_DIMS,
                    choices=sorted(InceptionV3.BLOCK_INDEX_BY_DIM),
                    help="Inception feature size for FID; the course uses 192")
-    p.add_argument("--batch_size", type=int, default=FID_BATCH_SIZE,
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=FID_BATCH_SIZE,
                    help="images per Inception forward pass")
     p.add_argument("--fid_weights", default=None,
                    help=f"local copy of {FID_WEIGHTS_NAME}, for machines without internet; "
                         f"without it the torch hub cache is used, downloading into it if missing")
     p.add_argument("--skip_fid", action="store_true", help="only sample, no FID")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    p.add_argument("--seed", type=COUNT, default=0, help="random seed of the sampler")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature T: mixture logits divided by T, logistic scales "
                         "multiplied by T; below 1 sharper and less varied samples")
@@ -510,16 +515,23 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
                    help="auto picks cuda, then mps, then cpu")
     args = p.parse_args(argv)
-    if args.n_per_class < 1 or args.image_size < 4 or args.image_size % 4:
-        p.error("--n_per_class must be >= 1 and --image_size a positive multiple of 4")
+    if args.image_size < 4 or args.image_size % 4:
+        p.error(f"--image_size must be a positive multiple of 4, got {args.image_size}")
     if args.completions is not None and args.completions < 1:
         p.error(f"--completions K needs K >= 1 images, got {args.completions}")
-    for t in [args.temperature, *(args.temperature_sweep or [])]:
-        if not 0 < t < math.inf:
-            p.error(f"temperatures must be finite and > 0, got {t}")
+    for flag, values in (("--temperature", [args.temperature]),
+                         ("--temperature_sweep", args.temperature_sweep or [])):
+        for t in values:
+            if not 0 < t < math.inf:
+                p.error(f"temperatures must be finite and > 0, got {t} ({flag})")
+    # Paths too fail here, in a second, not after minutes of sampling.
+    check_output_dirs(p, args, "gen_data_dir")
+    if args.fid_weights is not None and not Path(args.fid_weights).is_file():
+        p.error(f"--fid_weights {args.fid_weights} is not a file")
     return args
 
 
 if __name__ == "__main__":
     line_buffered_stdout()
-    main(parse_args())
+    with errors_in_one_line():
+        main(parse_args())

@@ -154,14 +154,7 @@ class PixelCNN(nn.Module):
         state_dict.setdefault(prefix + "class_log_prior", self.uniform_log_prior())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def label_parameter_names(self):
-        """Names of the parameters that act only through the label: the class embedding and the
-        weights that project it into the network. (The projections' biases act on every class
-        alike, so they count with the rest of the network.)"""
-        return [name for name, _ in self.named_parameters()
-                if name == "embedding.weight" or name.endswith("proj.weight")]
-
-    def forward(self, x, labels, others=None, rows=None):
+    def forward(self, x, labels):
         """x: (B, C, H, W) in [-1, 1]; labels: int64 (n,). Returns (n, mixture channels, H, W).
 
         With n = B, image i goes with labels[i]. With n = K * B, the output holds K * B
@@ -170,50 +163,12 @@ class PixelCNN(nn.Module):
         forward(x.repeat(K, 1, 1, 1), labels), but the layers before the label first enters run
         once per image (with gated fusion, the first convolutions and the first u-stream block;
         with gated_last, everything before the last stage of the down pass).
-
-        others: int64 (m, K), m <= B, and n = B: also the first m images under the labels
-        others[i, k], the K * m pairs class-major as above, in the same call (a
-        DistributedDataParallel wrapper expects one per step). Returns then (output,
-        others' output (K * m, mixture channels, R, W)): its rows r0..r1 when rows=(r0, r1) is
-        given (R = r1 - r0 + 1), else all of them (R = H). Where the label enters only the last
-        stage (gated_last, late), those pairs share everything before it with x's own pass, and
-        with rows the last stage runs on those rows and `last_stage_halo` rows above them only.
         """
         if x.shape[0] == 0 or labels.shape[0] % x.shape[0]:
             raise ValueError(f"labels ({labels.shape[0]}) must be a multiple of the images "
                              f"({x.shape[0]}): one label per image, or K per image class-major")
         state, cond = self._first_stages(x, labels)
-        out = self._last_stage(state, cond, labels.shape[0])
-        if others is None:
-            if rows is not None:
-                raise ValueError("rows cuts the output under `others`; pass others too")
-            return out
-        m, H = others.shape[0], x.shape[2]
-        if labels.shape[0] != x.shape[0] or not 0 < m <= x.shape[0]:
-            raise ValueError(f"others takes one label per image and 1 to {x.shape[0]} rows, got "
-                             f"{labels.shape[0]} labels and {m} rows")
-        r0, r1 = rows if rows is not None else (0, H - 1)
-        if not 0 <= r0 <= r1 < H:
-            raise ValueError(f"rows must satisfy 0 <= r0 <= r1 < {H}, got {rows}")
-        other_labels = others.t().reshape(-1)                                   # (K*m,)
-        if self.label_in_last_stage():
-            other_state, other_cond = [t[:m] for t in state], self._embed(other_labels)
-        else:
-            other_state, other_cond = self._first_stages(x[:m], other_labels)
-        top = max(0, r0 - self.last_stage_halo())
-        other_state = [t[:, :, top:r1 + 1] for t in other_state]
-        return out, self._last_stage(other_state, other_cond, other_labels.shape[0])[:, :, r0 - top:]
-
-    def label_in_last_stage(self):
-        """Whether the label enters the network in the down pass's last stage or after it only,
-        so that everything before that stage runs once per image whatever the labels."""
-        return FUSION_MODES[self.config["fusion"]] in (("gated_last",), ("late",), ())
-
-    def last_stage_halo(self):
-        """How many rows above row r the last stage's output at row r reads of its inputs: each
-        of its blocks reads a row up in each of its two convolutions, and the ul stream also
-        reads the u stream's row above through its skip input."""
-        return 2 * len(self.down_u[2]) + 1
+        return self._last_stage(state, cond, labels.shape[0])
 
     def _embed(self, labels):
         return self.embedding(labels) if self.embedding is not None else None   # (n, E)

@@ -390,8 +390,8 @@ def class_log_likelihoods(model, x, num_classes):
     """log p(x | c) in nats for every class: (B, C, H, W) -> (B, num_classes), the per-image sums
     of `class_pixel_log_likelihoods`.
 
-    The Bayes classifier is `bayes_predictions(model, class_log_likelihoods(...))`. Gradients flow
-    (the hybrid objective trains through it); wrap it in `torch.no_grad()` to evaluate.
+    The Bayes classifier is `bayes_predictions(model, class_log_likelihoods(...))`. Gradients flow;
+    wrap it in `torch.no_grad()` to evaluate.
     """
     return class_pixel_log_likelihoods(model, x, num_classes).sum(dim=(2, 3))
 
@@ -437,6 +437,40 @@ def fit_class_log_prior(ll, labels, max_iter=100):
 
     opt.step(closure)
     return torch.log_softmax(bias.detach(), dim=0).float()
+
+
+# Folds of the cross-validation that decides whether a fitted class prior is kept.
+PRIOR_FOLDS = 5
+
+
+def choose_class_log_prior(ll, labels, folds=PRIOR_FOLDS):
+    """The class prior to keep for labelled images' log p(x | c), ll (N, classes), labels (N,):
+    `fit_class_log_prior` of them if, fitted on all folds but one in turn and scored on that one,
+    it classifies more of the images correctly than the uniform prior does; else uniform.
+
+    The fit has one number per class, but a model's likelihoods of images it trained on are not
+    those of new images, so a prior that fits the training images can cost accuracy elsewhere.
+    Returns (log pi (classes,), dict(prior="fitted" or "uniform", reason=..., correct_fitted=...,
+    correct_uniform=..., images=N)).
+    """
+    ll, labels = ll.detach().double().cpu(), labels.cpu()
+    n, classes = ll.shape
+    uniform = torch.full((classes,), -math.log(classes))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    correct_fitted = 0
+    for fold in order.tensor_split(min(folds, n)):
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[fold] = False
+        prior = fit_class_log_prior(ll[rest], labels[rest]).double()
+        correct_fitted += int(((ll[fold] + prior).argmax(1) == labels[fold]).sum())
+    correct_uniform = int((ll.argmax(1) == labels).sum())
+    keep = correct_fitted > correct_uniform
+    counts = (f"{correct_fitted} of {n} images right with priors fitted on the other folds, "
+              f"{correct_uniform} with the uniform prior ({min(folds, n)}-fold cross-validation)")
+    info = dict(prior="fitted" if keep else "uniform", correct_fitted=correct_fitted,
+                correct_uniform=correct_uniform, images=n,
+                reason=("fitted: " if keep else "uniform: the fit does not pay, ") + counts)
+    return (fit_class_log_prior(ll, labels) if keep else uniform), info
 
 
 def set_fitted_class_prior(model, images, labels, batch_size=None, device="cpu",
@@ -551,12 +585,15 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
-def bf16_autocast(device, enabled=True):
+def bf16_autocast(device, enabled=True, cache_enabled=True):
     """A zero-argument factory of bf16 autocast contexts on `device` (of nullcontext when not
-    enabled): the form the training loop and `dataset_log_likelihoods(autocast=...)` take."""
+    enabled): the form the training loop and `dataset_log_likelihoods(autocast=...)` take.
+    cache_enabled=False for a step captured in a CUDA graph, which must not keep the casts of one
+    capture for later calls (torch.cuda.graphs asks it)."""
     if not enabled:
         return nullcontext
-    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
+                             cache_enabled=cache_enabled)
 
 
 def bf16_pays(device):

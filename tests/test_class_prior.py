@@ -7,22 +7,18 @@ the prior's way through classification_evaluation.py (`--prior`) and pcnn_train.
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import classification_evaluation as ce
-import pcnn_train
-from dataset import TensorImageDataset, load_dataset
+import training
+from dataset import load_dataset
 from model import PixelCNN, load_model
-from utils import bayes_predictions, fit_class_log_prior
+from utils import bayes_predictions, choose_class_log_prior, fit_class_log_prior
 
-from test_classification_evaluation import (DATA, NUM_CLASSES, assert_clear_margins, needs_data,
-                                            per_class_log_likelihoods, tiny_model)
-from test_train import TINY, log_records
-
+NUM_CLASSES = 4
 UNIFORM = -math.log(NUM_CLASSES)
 
 
@@ -101,7 +97,7 @@ def test_fit_rejects_bad_input(ll, labels, needle):
 
 # ---------------------------------------------------------------------- the model's buffer
 
-def test_prior_is_uniform_by_default_and_old_checkpoints_load(tmp_path):
+def test_prior_is_uniform_by_default_and_old_checkpoints_load(tmp_path, tiny_model):
     """A checkpoint saved before the buffer existed loads with the uniform prior, through
     load_model and through the course's load_state_dict; a fitted prior survives both."""
     model = tiny_model()
@@ -122,19 +118,19 @@ def test_prior_is_uniform_by_default_and_old_checkpoints_load(tmp_path):
     assert torch.equal(course.class_log_prior, fitted)
 
 
-@needs_data
-def test_predictions_and_get_label_add_the_prior():
+def test_predictions_and_get_label_add_the_prior(tiny_model, tiny_data, class_loop,
+                                                 clear_margins):
     """bayes_predictions and the course's get_label against a loop over classes plus the prior,
     with a prior strong enough to change some predictions."""
-    model = tiny_model()
-    x = load_dataset("cpen455", DATA, "validation").images[:24]
-    ll = per_class_log_likelihoods(model, x)                                  # (24, 4)
-    assert_clear_margins(ll)
+    model = tiny_model(nr_filters=4)
+    x = load_dataset("cpen455", tiny_data, "validation").images
+    ll = class_loop(model, x)                                                 # (16, 4)
+    clear_margins(ll)
     gaps = (ll.max(dim=1, keepdim=True).values - ll).median().item()
     prior = torch.log_softmax(torch.tensor([0.0, 1.37, -0.81, 0.59]) * gaps, 0)
     model.class_log_prior.copy_(prior)
     expected = (ll + prior.double()).argmax(dim=1)
-    assert_clear_margins(ll + prior.double())
+    clear_margins(ll + prior.double())
     assert not torch.equal(expected, ll.argmax(dim=1))        # the prior changes predictions
     assert torch.equal(bayes_predictions(model, ll.float()), expected)
     assert torch.equal(ce.get_label(model, x, "cpu"), expected)
@@ -142,23 +138,9 @@ def test_predictions_and_get_label_add_the_prior():
 
 # --------------------------------------------------------------- classification_evaluation.py
 
-@pytest.fixture(scope="module")
-def small_train():
-    """48 training images, 12 per class: --prior fit on them takes seconds with a tiny model."""
-    train = load_dataset("cpen455", DATA, "train")
-    pick = torch.cat([(train.labels == c).nonzero()[:12, 0] for c in range(NUM_CLASSES)])
-    return TensorImageDataset(train.images[pick], train.labels[pick], train.class_names)
-
-
-def run_evaluation(monkeypatch, small_train, checkpoint, out_dir, *flags):
-    """classification_evaluation.main in this process, on 32 validation images and the small
-    training split; returns the model it classified with."""
-    real_load = ce.load_dataset
-    val = real_load("cpen455", DATA, "validation")
-    subset = TensorImageDataset(val.images[:32], val.labels[:32], val.class_names)
-
-    def load(name, data_dir, mode, **kwargs):
-        return small_train if mode == "train" else subset
+def run_evaluation(monkeypatch, data, checkpoint, out_dir, *flags):
+    """classification_evaluation.main in this process on the folder `data`; returns the model it
+    classified with."""
 
     seen = {}
     real_predict = ce.bayes_predictions
@@ -167,31 +149,31 @@ def run_evaluation(monkeypatch, small_train, checkpoint, out_dir, *flags):
         seen["model"] = model
         return real_predict(model, ll)
 
-    monkeypatch.setattr(ce, "load_dataset", load)
     monkeypatch.setattr(ce, "bayes_predictions", predict)
-    args = ce.parse_args(["--checkpoint", str(checkpoint), "-i", str(DATA), "--out_dir",
+    args = ce.parse_args(["--checkpoint", str(checkpoint), "-i", str(data), "--out_dir",
                           str(out_dir), "--device", "cpu", *flags])
     ce.main(args)
     return seen["model"]
 
 
-@needs_data
-def test_prior_fit_uniform_and_model(monkeypatch, small_train, tmp_path, capsys):
+def test_prior_fit_uniform_and_model(monkeypatch, tiny_data, tmp_path, capsys, tiny_model,
+                                     class_loop):
     """--prior fit writes the prior fitted on the training split's scores; --prior model then
     classifies with it, --prior uniform without it."""
-    torch.save(tiny_model().state_dict(), tmp_path / "m.pth")
+    torch.save(tiny_model(nr_filters=4).state_dict(), tmp_path / "m.pth")
     fitted_path = tmp_path / "sub" / "fitted.pth"
-    run_evaluation(monkeypatch, small_train, tmp_path / "m.pth", tmp_path,
+    run_evaluation(monkeypatch, tiny_data, tmp_path / "m.pth", tmp_path,
                    "--prior", "fit", "--save_checkpoint", str(fitted_path))
-    train_ll = per_class_log_likelihoods(load_model(tmp_path / "m.pth"), small_train.images)
-    expected = fit_class_log_prior(train_ll, small_train.labels)
+    train = load_dataset("cpen455", tiny_data, "train")
+    expected = fit_class_log_prior(class_loop(load_model(tmp_path / "m.pth"), train.images),
+                                   train.labels)
     saved = load_model(fitted_path).class_log_prior
     torch.testing.assert_close(saved, expected, rtol=1e-4, atol=1e-2)
-    assert "class prior fitted on 48 training images" in capsys.readouterr().out
+    assert f"class prior fitted on {len(train)} training images" in capsys.readouterr().out
 
-    model = run_evaluation(monkeypatch, small_train, fitted_path, tmp_path)
+    model = run_evaluation(monkeypatch, tiny_data, fitted_path, tmp_path)
     assert torch.equal(model.class_log_prior, saved)
-    model = run_evaluation(monkeypatch, small_train, fitted_path, tmp_path, "--prior", "uniform")
+    model = run_evaluation(monkeypatch, tiny_data, fitted_path, tmp_path, "--prior", "uniform")
     assert torch.equal(model.class_log_prior, torch.full((NUM_CLASSES,), UNIFORM))
 
 
@@ -204,54 +186,29 @@ def test_prior_fit_and_save_checkpoint_go_together(flags, capsys):
 
 # ---------------------------------------------------------------------------- pcnn_train.py
 
-@needs_data
-def test_training_fits_the_prior_of_the_kept_model(tmp_path, monkeypatch, small_data):
-    """After training, the kept checkpoint holds the prior fitted on the first PRIOR_FIT_IMAGES
-    of a fixed sample of the training images, and class_prior.json records it with the
-    validation accuracy before and after."""
-    monkeypatch.setattr(pcnn_train, "PRIOR_FIT_IMAGES", 40)
-    args = pcnn_train.parse_args([*TINY, "--data_dir", str(small_data), "--run_dir", str(tmp_path),
-                                  "--save_dir", str(tmp_path), "--max_steps", "6",
-                                  "--fit_prior", "true"])
-    pcnn_train.main(args)
+def test_training_fits_the_prior_of_the_kept_model(tmp_path, monkeypatch, train, small_data,
+                                                   class_loop):
+    """After training, the kept checkpoint holds the prior chosen (fitted where cross-validation
+    says it pays, else uniform) on the first PRIOR_FIT_IMAGES of a fixed sample of the training
+    images, and class_prior.json records it, why, and the validation accuracy before and after."""
+    monkeypatch.setattr(training, "PRIOR_FIT_IMAGES", 40)
+    train(tmp_path, "--max_steps", "6", "--fit_prior", "true", data=small_data)
     record = json.loads((tmp_path / "class_prior.json").read_text())
     kept = load_model(tmp_path / "conditional_pixelcnn.pth")
     torch.testing.assert_close(kept.class_log_prior, torch.tensor(record["class_log_prior"]))
 
-    train = load_dataset("cpen455", small_data, "train")
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:40]
+    images = load_dataset("cpen455", small_data, "train")
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:40]
     uniform = PixelCNN.from_state_dict({**kept.state_dict(), "class_log_prior":
                                         torch.full((NUM_CLASSES,), UNIFORM)}).eval()
-    ll = per_class_log_likelihoods(uniform, train.images[pick])
-    torch.testing.assert_close(kept.class_log_prior,
-                               fit_class_log_prior(ll, train.labels[pick]), rtol=0, atol=1e-2)
+    ll = class_loop(uniform, images.images[pick])
+    expected, choice = choose_class_log_prior(ll, images.labels[pick])
+    torch.testing.assert_close(kept.class_log_prior, expected.float(), rtol=0, atol=1e-2)
+    assert (record["prior"], record["reason"]) == (choice["prior"], choice["reason"])
     assert record["train_images"] == 40
-    assert record["val_acc_before_fit"] == max(r["val_acc"] for r in log_records(tmp_path))
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert record["val_acc_before_fit"] == max(r["val_acc"] for r in logged)
     val = load_dataset("cpen455", small_data, "validation")
-    val_ll = per_class_log_likelihoods(kept, val.images)
+    val_ll = class_loop(kept, val.images)
     accuracy = ((val_ll + kept.class_log_prior.double()).argmax(1) == val.labels).double().mean()
     assert abs(record["val_acc"] - accuracy.item()) < 1.5 / len(val)
-
-
-def test_prior_step_is_a_gradient_step_on_the_hybrid_cross_entropy():
-    """step_class_prior against autograd: log pi <- log_softmax(log pi - lr * d CE / d log pi),
-    with CE the hybrid term's cross-entropy of softmax_c(log p(x | c) + log pi(c))."""
-    model = tiny_model()
-    start = torch.log_softmax(torch.tensor([1.0, -2.0, 0.5, 0.0]), 0)
-    model.class_log_prior.copy_(start)
-    run = SimpleNamespace(model=model, ddp=False, args=SimpleNamespace(prior_lr=3.0))
-    logits = torch.tensor([[-10.0, -12.0, -9.0, -30.0], [-5.0, -5.5, -40.0, -6.0],
-                           [-7.0, -7.0, -7.0, -7.0]])
-    y = torch.tensor([0, 3, 2])
-    pcnn_train.step_class_prior(run, logits, y)
-    b = start.clone().requires_grad_()
-    F.cross_entropy(logits + b, y).backward()
-    expected = torch.log_softmax(start - 3.0 * b.grad, 0)
-    torch.testing.assert_close(model.class_log_prior, expected)
-
-
-def test_prior_lr_must_be_a_step(capsys):
-    for value in ["-1", "inf", "nan"]:
-        with pytest.raises(SystemExit):
-            pcnn_train.parse_args(["--prior_lr", value])
-        assert "--prior_lr" in capsys.readouterr().err

@@ -23,74 +23,12 @@ from utils import (bits_per_dim, class_log_likelihoods, discretized_mix_logistic
                    sample, sample_from_discretized_mix_logistic)
 
 NUM_LEVELS = 256
-HALF_BIN = 1 / 255                                    # the 256 bins of width 2/255 tile [-1, 1]
 LEVELS = torch.arange(NUM_LEVELS, dtype=torch.float64) * 2 / 255 - 1   # bin centres b_v
 MIN_LOG_SCALE = -7.0                                  # the paper's clamp, part of the likelihood
 CONDITIONAL = [f for f in FUSION_MODES if f != "none"]
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-def tiny_model(seed=0, perturb=True, **kwargs):
-    """A small PixelCNN in eval mode (dropout off). perturb=True moves every parameter off its
-    initialisation: FiLM's projection starts at zero, where labels have no effect at all."""
-    torch.manual_seed(seed)
-    config = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, num_classes=4) | kwargs
-    model = PixelCNN(**config).eval()
-    if perturb:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
-def grid_images(b, c, h, w, seed=0):
-    """Random images on the 256-level grid {2v/255 - 1}, float32."""
-    v = torch.randint(0, NUM_LEVELS, (b, c, h, w), generator=torch.Generator().manual_seed(seed))
-    return (v.double() * 2 / 255 - 1).float()
-
-
-def bin_masses(mean, log_scale):
-    """Mass of each of the 256 bins under a logistic, float64: (...) -> (..., 256).
-
-    Bin v is [b_v - 1/255, b_v + 1/255], except that bin 0 reaches down to -inf and bin 255 up to
-    +inf, so the masses telescope to exactly 1.
-    """
-    s = log_scale.clamp(min=MIN_LOG_SCALE).exp()[..., None]
-    upper = torch.sigmoid((LEVELS + HALF_BIN - mean[..., None]) / s)
-    lower = torch.sigmoid((LEVELS - HALF_BIN - mean[..., None]) / s)
-    upper[..., -1] = 1.0
-    lower[..., 0] = 0.0
-    return upper - lower
-
-
-def brute_force_nll(x, l, nr_mix):
-    """Per-image NLL in nats from the full 256-way categorical of every sub-pixel, float64.
-
-    x: (B, C, H, W) on the grid; l: (B, 10K or 3K, H, W) laid out as
-    [K logits | per colour: K means, K log-scales (, K raw colour coefficients)].
-    """
-    x, l, K = x.double(), l.double(), nr_mix
-    B, C, H, W = x.shape
-    per_colour = 3 * K if C == 3 else 2 * K
-    level = torch.round((x + 1) * 127.5).long()                          # (B, C, H, W)
-    block = [l[:, K + per_colour * c:K + per_colour * (c + 1)] for c in range(C)]
-    coeff = [torch.tanh(b[:, 2 * K:]) for b in block] if C == 3 else None   # (B, K, H, W) each
-    likelihood = torch.softmax(l[:, :K], dim=1)                          # (B, K, H, W)
-    for c in range(C):
-        mean = block[c][:, :K]
-        if c == 1:
-            mean = mean + coeff[0] * x[:, :1]
-        if c == 2:
-            mean = mean + coeff[1] * x[:, :1] + coeff[2] * x[:, 1:2]
-        masses = bin_masses(mean, block[c][:, K:2 * K])                  # (B, K, H, W, 256)
-        torch.testing.assert_close(masses.sum(-1), torch.ones_like(mean), rtol=0, atol=1e-6)
-        observed = masses.gather(-1, level[:, c:c + 1].expand(B, K, H, W)[..., None])[..., 0]
-        # keep to bins the loss computes as a CDF difference, not by its density fallback
-        assert observed.min() > 1e-5
-        likelihood = likelihood * observed
-    return -likelihood.sum(dim=1).log().sum(dim=(1, 2))                  # (B,)
-
 
 def peaked_mixture(modes, nr_mix, pick, raw_coeffs):
     """Mixture parameters (B, 10K, H, W) whose component `pick` dominates (logit 100, log-scale
@@ -116,7 +54,7 @@ def peaked_mixture(modes, nr_mix, pick, raw_coeffs):
 # --------------------------------------------------------------------------------- causality
 
 @pytest.mark.parametrize("fusion,channels", [(f, 3) for f in FUSION_MODES] + [("gated", 1)])
-def test_output_depends_only_on_earlier_pixels(fusion, channels):
+def test_output_depends_only_on_earlier_pixels(fusion, channels, tiny_model):
     model = tiny_model(fusion=fusion, input_channels=channels)
     H, W = 8, 12                                      # non-square, so a transposed mask shows
     x = torch.randn(2, channels, H, W, requires_grad=True)
@@ -149,10 +87,10 @@ def test_output_depends_only_on_earlier_pixels(fusion, channels):
 # ------------------------------------------------------------------------------------ the loss
 
 @pytest.mark.parametrize("channels", [3, 1])
-def test_loss_matches_brute_force(channels):
+def test_loss_matches_brute_force(channels, grid, brute_force):
     torch.manual_seed(0)
     K, B, H, W = 3, 2, 8, 8
-    x = grid_images(B, channels, H, W)
+    x = grid(B, channels, H, W)
     x[:, :, 0, :4] = -1.0                             # both edge bins, in every colour
     x[:, :, 0, 4:] = 1.0
     x[1, 0, 3] = -1.0                                 # an edge first colour, free others
@@ -160,7 +98,7 @@ def test_loss_matches_brute_force(channels):
     l = torch.randn(B, per_pixel * K, H, W) * 0.5
     nll = discretized_mix_logistic_loss(x, l, reduction="none")
     assert nll.shape == (B,) and nll.dtype == torch.float32
-    torch.testing.assert_close(nll.double(), brute_force_nll(x, l, K), rtol=1e-4, atol=0)
+    torch.testing.assert_close(nll.double(), brute_force.nll(x, l, K), rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("mean,log_scale", [
@@ -175,7 +113,7 @@ def test_loss_matches_brute_force(channels):
     (0.5, 6.0),                                       # so broad that inner bins are < 1e-5
     (0.3, -9.0),                                      # below the clamp: as narrow as -7
 ])
-def test_probabilities_of_all_256_levels_sum_to_one(mean, log_scale):
+def test_probabilities_of_all_256_levels_sum_to_one(mean, log_scale, brute_force):
     # A single grayscale sub-pixel and one component: p(x) over the 256 values is a distribution.
     l = torch.tensor([0.0, mean, log_scale]).view(1, 3, 1, 1).expand(NUM_LEVELS, 3, 1, 1)
     x = LEVELS.float().view(NUM_LEVELS, 1, 1, 1)
@@ -183,8 +121,8 @@ def test_probabilities_of_all_256_levels_sum_to_one(mean, log_scale):
     assert abs(p.sum().item() - 1) < 1e-5
     # and it is the brute-force categorical, mass by mass; masses below 1e-5 the loss replaces by
     # the density at the bin centre (as the reference code does), hence the absolute tolerance
-    exact = bin_masses(torch.tensor(mean, dtype=torch.float64),
-                       torch.tensor(log_scale, dtype=torch.float64))
+    exact = brute_force.bin_masses(torch.tensor(mean, dtype=torch.float64),
+                                   torch.tensor(log_scale, dtype=torch.float64))
     torch.testing.assert_close(p, exact, rtol=1e-3, atol=1e-5)
 
 
@@ -196,13 +134,16 @@ def test_loss_of_a_mixture_over_all_levels_sums_to_one():
     assert abs(p.sum().item() - 1) < 1e-5
 
 
-def test_loss_reductions_and_dtypes():
+def test_loss_reductions_and_dtypes(grid, brute_force):
+    """reduction="sum" is the batch's NLL, as the reference code returns it (the brute force's,
+    to float32 rounding; no mean over images or sub-pixels); a bf16 network output is computed on
+    in float32."""
     torch.manual_seed(0)
-    x = grid_images(3, 3, 8, 8)
-    l = torch.randn(3, 10 * 2, 8, 8)
-    per_image = discretized_mix_logistic_loss(x, l, reduction="none")
-    torch.testing.assert_close(discretized_mix_logistic_loss(x, l, reduction="sum"),
-                               per_image.sum())
+    x = grid(3, 3, 8, 8)
+    l = torch.randn(3, 10 * 2, 8, 8) * 0.5          # no bin thin enough for the density fallback
+    total = discretized_mix_logistic_loss(x, l, reduction="sum")
+    assert total.shape == () and total.dtype == torch.float32
+    torch.testing.assert_close(total.double(), brute_force.nll(x, l, 2).sum(), rtol=1e-5, atol=0)
     # a bfloat16 network output is computed on in float32, exactly as its upcast
     l16 = l.bfloat16()
     loss16 = discretized_mix_logistic_loss(x, l16, reduction="none")
@@ -234,10 +175,10 @@ def test_sampler_shape_and_range(channels):
         sample_from_discretized_mix_logistic(l, K + 1)
 
 
-def test_sampler_returns_the_mode_of_a_peaked_mixture():
+def test_sampler_returns_the_mode_of_a_peaked_mixture(grid):
     torch.manual_seed(0)
     K, B, H, W = 3, 2, 8, 8
-    modes = grid_images(B, 3, H, W)
+    modes = grid(B, 3, H, W)
     # With log-scale -7 a logistic draw lands within 0.0105 (u clamped to [1e-5, 1 - 1e-5]) of its
     # mean, so within one level of it once quantised.
     l = peaked_mixture(modes, K, pick=1, raw_coeffs=torch.zeros(3))
@@ -272,7 +213,7 @@ def test_sampler_picks_components_by_their_weights():
 
 
 @pytest.mark.parametrize("channels", [3, 1])
-def test_autoregressive_sample(channels):
+def test_autoregressive_sample(channels, tiny_model):
     model = tiny_model(fusion="gated", input_channels=channels)
     labels = torch.tensor([0, 3])
     obs = (channels, 8, 8)
@@ -300,9 +241,9 @@ def test_autoregressive_sample(channels):
 # ---------------------------------------------------------------------------------- conditioning
 
 @pytest.mark.parametrize("fusion", CONDITIONAL)
-def test_labels_change_the_output(fusion):
+def test_labels_change_the_output(fusion, tiny_model, grid):
     model = tiny_model(fusion=fusion)
-    x = grid_images(2, 3, 8, 8)
+    x = grid(2, 3, 8, 8)
     with torch.no_grad():
         a = model(x, torch.tensor([0, 1]))
         b = model(x, torch.tensor([2, 1]))
@@ -310,25 +251,25 @@ def test_labels_change_the_output(fusion):
     assert torch.equal(a[1], b[1])                    # image 1 kept its label
 
 
-def test_unconditional_model_ignores_labels():
+def test_unconditional_model_ignores_labels(tiny_model, grid):
     model = tiny_model(fusion="none")
-    x = grid_images(2, 3, 8, 8)
+    x = grid(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x, torch.tensor([0, 1])), model(x, torch.tensor([3, 2])))
 
 
-def test_film_starts_as_the_identity():
+def test_film_starts_as_the_identity(tiny_model, grid):
     model = tiny_model(fusion="film", perturb=False)
-    x = grid_images(2, 3, 8, 8)
+    x = grid(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x, torch.tensor([0, 1])), model(x, torch.tensor([3, 2])))
 
 
 # -------------------------------------------------------------------------------------- batching
 
-def test_image_alone_equals_image_in_batch():
+def test_image_alone_equals_image_in_batch(tiny_model, grid):
     model = tiny_model(fusion="joint")
-    x = grid_images(5, 3, 8, 8)
+    x = grid(5, 3, 8, 8)
     labels = torch.tensor([0, 1, 2, 3, 1])
     with torch.no_grad():
         batched = model(x, labels)
@@ -336,40 +277,40 @@ def test_image_alone_equals_image_in_batch():
     torch.testing.assert_close(alone, batched[2:3], rtol=0, atol=1e-5)
 
 
-def test_shapes_in_sequence_leave_no_state():
+def test_shapes_in_sequence_leave_no_state(tiny_model, grid):
     model = tiny_model(fusion="joint", nr_logistic_mix=3)
     shapes = [(1, 8, 12), (3, 12, 8), (2, 16, 4), (1, 8, 12)]
     outputs = []
     with torch.no_grad():
         for seed, (b, h, w) in enumerate(shapes):
-            x = grid_images(b, 3, h, w, seed=seed % 3)   # the first and last input are the same
+            x = grid(b, 3, h, w, seed=seed % 3)   # the first and last input are the same
             out = model(x, torch.arange(b) % 4)
             assert out.shape == (b, 30, h, w)
             outputs.append(out)
     assert torch.equal(outputs[0], outputs[-1])
 
 
-def test_class_log_likelihoods_match_per_class_loop():
+def test_class_log_likelihoods_match_per_class_loop(tiny_model, grid, class_loop):
     num_classes = 3
     model = tiny_model(fusion="gated", num_classes=num_classes)
-    x = grid_images(2, 3, 8, 8)
+    x = grid(2, 3, 8, 8)
+    loop = class_loop(model, x)                                          # (B, num_classes)
     with torch.no_grad():
-        loop = torch.stack([
-            -discretized_mix_logistic_loss(x, model(x, torch.full((2,), c)), reduction="none")
-            for c in range(num_classes)], dim=1)                             # (B, num_classes)
         ll = class_log_likelihoods(model, x, num_classes)
-    assert (loop[:, 0] - loop[:, 1]).abs().min() > 1e-2   # classes differ, so a mix-up shows
+    columns = loop[:, :, None] - loop[:, None, :]                        # (B, classes, classes)
+    off_diagonal = ~torch.eye(num_classes, dtype=torch.bool)
+    assert columns[:, off_diagonal].abs().min() > 1e-2   # classes differ, so a mix-up shows
     assert (loop[0] - loop[1]).abs().min() > 1e-2         # and so do the images
-    assert ll.shape == (2, num_classes)
-    torch.testing.assert_close(ll, loop, rtol=1e-5, atol=1e-3)
+    assert ll.shape == (2, num_classes) and ll.dtype == torch.float32
+    torch.testing.assert_close(ll.double(), loop, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("fusion", sorted(FUSION_MODES))
-def test_every_class_at_once_equals_repeated_images(fusion):
+def test_every_class_at_once_equals_repeated_images(fusion, tiny_model, grid):
     """forward(x, K labels per image) shares the work before the label enters between the
     classes, and gives what the repeated images give, in values and in gradients."""
     model = tiny_model(fusion=fusion, num_classes=3)
-    x = grid_images(2, 3, 8, 8)
+    x = grid(2, 3, 8, 8)
     labels = torch.arange(3).repeat_interleave(2)                           # (6,) class-major
     batches = []
     hook = model.u_init.register_forward_hook(lambda m, inp, out: batches.append(inp[0].shape[0]))
@@ -385,12 +326,12 @@ def test_every_class_at_once_equals_repeated_images(fusion):
             torch.testing.assert_close(g_shared, g_repeated, rtol=1e-4, atol=1e-4)
 
 
-def test_gated_last_runs_every_layer_before_the_last_stage_once_per_image():
+def test_gated_last_runs_every_layer_before_the_last_stage_once_per_image(tiny_model, grid):
     """With fusion gated_last, only the blocks of the down pass's last stage (and the output
     layer) see the K image-label pairs of each image; every layer before them sees each image
     once, and only those blocks take the label."""
     model = tiny_model(fusion="gated_last", num_classes=3)
-    x = grid_images(2, 3, 8, 8)
+    x = grid(2, 3, 8, 8)
     rows = {}                                   # layer name -> rows of its output
     layers = {name: module for name, module in model.named_modules()
               if name.count(".") <= 2 and isinstance(module, (GatedResNet, NIN, _ShiftedConv2d,
@@ -410,46 +351,17 @@ def test_gated_last_runs_every_layer_before_the_last_stage_once_per_image():
     assert conditioned == last_stage
 
 
-@pytest.mark.parametrize("fusion", ["gated_last", "gated", "late"])
-@pytest.mark.parametrize("nr_resnet", [1, 2])
-def test_other_labels_and_rows_in_one_call_equal_separate_full_passes(fusion, nr_resnet):
-    """forward(x, labels, others=, rows=) also returns the first m images under the other labels,
-    rows r0..r1 of each, equal to full passes of those pairs cut to the rows: the last stage run
-    on the rows and its halo above (gated_last, late) reads every input row it needs."""
-    model = tiny_model(num_classes=4, fusion=fusion, nr_resnet=nr_resnet).double()
-    x = grid_images(5, 3, 16, 16).double()
-    y = torch.tensor([0, 1, 2, 3, 1])
-    others = torch.tensor([[1, 2], [3, 0], [0, 1]])                              # (m, K)
-    full = model(x[:3].repeat(2, 1, 1, 1), others.t().reshape(-1))              # (K*m, ., H, W)
-    for rows in (None, (0, 3), (5, 12), (9, 15), (15, 15)):
-        out, out_other = model(x, y, others=others, rows=rows)
-        r0, r1 = rows or (0, 15)
-        torch.testing.assert_close(out, model(x, y), rtol=0, atol=0)
-        torch.testing.assert_close(out_other, full[:, :, r0:r1 + 1], rtol=1e-9, atol=1e-9)
-
-
-def test_other_labels_and_rows_must_fit_the_batch():
-    model = tiny_model(num_classes=3)
-    x, y = grid_images(2, 3, 8, 8), torch.tensor([0, 1])
-    with pytest.raises(ValueError, match="rows must satisfy"):
-        model(x, y, others=torch.tensor([[1]]), rows=(3, 8))
-    with pytest.raises(ValueError, match="1 to 2 rows"):
-        model(x, y, others=torch.tensor([[1], [2], [0]]))
-    with pytest.raises(ValueError, match="pass others too"):
-        model(x, y, rows=(0, 3))
-
-
-def test_labels_not_a_multiple_of_the_images_is_an_error():
+def test_labels_not_a_multiple_of_the_images_is_an_error(tiny_model, grid):
     model = tiny_model(num_classes=3)
     with pytest.raises(ValueError, match="multiple of the images"):
-        model(grid_images(2, 3, 8, 8), torch.arange(3))
+        model(grid(2, 3, 8, 8), torch.arange(3))
 
 
 # ----------------------------------------------------------------------------------- checkpoints
 
-def test_from_state_dict_rebuilds_the_model(tmp_path):
+def test_from_state_dict_rebuilds_the_model(tmp_path, tiny_model, grid):
     model = tiny_model(fusion="film", nr_filters=12, nr_logistic_mix=3, embed_dim=6, dropout=0.2)
-    x, labels = grid_images(2, 3, 8, 8), torch.tensor([0, 3])
+    x, labels = grid(2, 3, 8, 8), torch.tensor([0, 3])
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
     for state in (model.state_dict(), torch.load(path, weights_only=True)):
@@ -462,7 +374,7 @@ def test_from_state_dict_rebuilds_the_model(tmp_path):
 @pytest.mark.parametrize("change", [dict(nr_filters=12), dict(fusion="film"),
                                     dict(input_channels=1), dict(nr_logistic_mix=3),
                                     dict(num_classes=5)])
-def test_loading_another_architecture_names_both(change):
+def test_loading_another_architecture_names_both(change, tiny_model):
     saved = tiny_model(perturb=False)
     other = tiny_model(perturb=False, **change)
     (key, value), = change.items()
@@ -472,11 +384,11 @@ def test_loading_another_architecture_names_both(change):
     assert f"{key}={saved.config[key]!r}" in message and f"{key}={value!r}" in message
 
 
-def test_dropout_is_not_architecture():
+def test_dropout_is_not_architecture(tiny_model, grid):
     saved = tiny_model(dropout=0.5)
     other = tiny_model(seed=1, perturb=False, dropout=0.0)
     other.load_state_dict(saved.state_dict())
-    x = grid_images(1, 3, 8, 8)
+    x = grid(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(other(x, torch.tensor([2])), saved(x, torch.tensor([2])))
 
@@ -520,7 +432,7 @@ def test_invalid_config_raises(bad):
         PixelCNN(nr_resnet=1, nr_filters=8, nr_logistic_mix=2, **bad)
 
 
-def test_from_state_dict_needs_a_config():
+def test_from_state_dict_needs_a_config(tiny_model):
     state = tiny_model(perturb=False).state_dict()
     del state["_extra_state"]
     with pytest.raises(ValueError, match="config"):
@@ -529,9 +441,9 @@ def test_from_state_dict_needs_a_config():
 
 # ----------------------------------------------------------------------------- mixed precision
 
-def test_bfloat16_autocast_close_to_float32():
+def test_bfloat16_autocast_close_to_float32(tiny_model, grid):
     model = tiny_model(fusion="joint")
-    x, labels = grid_images(2, 3, 8, 8), torch.tensor([1, 2])
+    x, labels = grid(2, 3, 8, 8), torch.tensor([1, 2])
     hidden = []
     model.up_ul[0][0].register_forward_hook(lambda module, args, out: hidden.append(out.dtype))
     with torch.no_grad():
@@ -547,7 +459,7 @@ def test_bfloat16_autocast_close_to_float32():
     torch.testing.assert_close(loss, reference, rtol=2e-2, atol=0)
 
 
-def test_output_layer_runs_in_float32_under_autocast():
+def test_output_layer_runs_in_float32_under_autocast(tiny_model):
     """PixelCNN.mixture, the output layer of the full and of the cached pass, on bf16 features
     under autocast: the output layer applied to the same features in float32, autocast off."""
     model = tiny_model()

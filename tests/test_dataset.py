@@ -1,5 +1,6 @@
-"""Tests for dataset.py: loading checked against independent decodes, every bad-input error,
-and the download/install path. CPU only, about 30 s.
+"""Tests for dataset.py: loading checked against independent decodes (on a sample of the real
+images, the grayscale ones included), every bad-input error, stand-ins for MNIST and CIFAR-10, and
+the download/install path. CPU only, about 15 s.
 
     python -m pytest tests/test_dataset.py -q
 """
@@ -7,34 +8,21 @@ and the download/install path. CPU only, about 30 s.
 import csv
 import http.server
 import io
-import subprocess
-import sys
 import threading
 import zipfile
+from argparse import Namespace
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import dataset  # noqa: E402  (needs the repo on sys.path)
-from dataset import (  # noqa: E402
+import dataset
+from dataset import (
     CLASS_NAMES, NUM_CLASSES, SPLIT_SIZES, CPEN455Dataset, DatasetError, TensorImageDataset,
     download_cpen455, load_dataset, my_bidict, rescaling, rescaling_inv,
 )
-
-SHARED = REPO.parent / "shared"
-CPEN455_DIR = SHARED / "cpen455"
-ARCHIVE = SHARED / "cpen455-archive.zip"
-needs_data = pytest.mark.skipif(not (CPEN455_DIR / "train.csv").is_file(),
-                                reason=f"shared CPEN455 data not found at {CPEN455_DIR}")
-needs_archive = pytest.mark.skipif(not ARCHIVE.is_file(),
-                                   reason=f"shared CPEN455 archive not found at {ARCHIVE}")
 
 # PIL's resize rounds to uint8 where dataset.py's stays float: allow a couple of levels in [0, 1].
 PIXEL_TOL = 2 / 255
@@ -77,35 +65,57 @@ def write_split(root, mode, rows):
     (root / f"{mode}.csv").write_text("".join(line + "\n" for line in rows))
 
 
-def make_archive(zip_path, sizes, top="CPEN455HW-2023W2-main"):
-    """A small zip laid out like the course archive, with `sizes[split]` images per split."""
+def make_archive(zip_path, sizes, top="CPEN455HW-2023W2-main", classes=1):
+    """A small zip laid out like the course archive, with `sizes[split]` images per split, the
+    labelled ones of classes 0, 1, ..., classes - 1 in turn."""
     with zipfile.ZipFile(zip_path, "w") as zf:
         zf.writestr(f"{top}/README.md", "not part of the data\n")
         for split, n in sizes.items():
-            label = -1 if split == "test" else 0
+            labels = [-1 if split == "test" else i % classes for i in range(n)]
             names = [f"{split}/{i:07d}.jpg" for i in range(n)]
-            zf.writestr(f"{top}/data/{split}.csv", "".join(f"{p},{label}\n" for p in names))
+            zf.writestr(f"{top}/data/{split}.csv",
+                        "".join(f"{p},{label}\n" for p, label in zip(names, labels)))
             for i, name in enumerate(names):
                 zf.writestr(f"{top}/data/{name}", jpeg_bytes(seed=i))
     return zip_path
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "dataset.py"), *args],
-                          capture_output=True, text=True, timeout=120)
-
-
 # ---------------------------------------------------------------- real data
 
 @pytest.fixture(scope="module")
-def real_splits():
-    return {split: CPEN455Dataset(CPEN455_DIR, split) for split in SPLIT_SIZES}
+def grayscale_rows(data_dir):
+    """The rows of train.csv whose JPEGs are grayscale (a handful; reading headers only)."""
+    rows = read_csv_rows(data_dir / "train.csv")
+    return [i for i, (path, _) in enumerate(rows) if image_mode(data_dir / path) == "L"]
 
 
-@needs_data
-def test_real_splits_sizes_shapes_and_range(real_splits):
+@pytest.fixture(scope="module")
+def sample_folder(subset, grayscale_rows):
+    """A folder of the real data's first 4 training images of each class and every grayscale one,
+    the first 8 validation images of each class and the first 8 test rows, their CSV lines as
+    they are: decoding it takes a fraction of a second, all 5197 images seconds."""
+    return subset({"train": 4, "validation": 8, "test": 8}, {"train": grayscale_rows})
+
+
+@pytest.fixture(scope="module")
+def real_splits(sample_folder):
+    return {split: CPEN455Dataset(sample_folder, split) for split in SPLIT_SIZES}
+
+
+def test_real_data_has_the_course_split_sizes(data_dir):
+    """SPLIT_SIZES, which the download checks an archive against, is the real data's: rows in
+    each CSV and JPEGs in each folder; the training classes are balanced as the course's are."""
     for split, size in SPLIT_SIZES.items():
-        ds = real_splits[split]
+        assert len(read_csv_rows(data_dir / f"{split}.csv")) == size
+        assert sum(1 for _ in (data_dir / split).glob("*.jpg")) == size
+    labels = [label for _, label in read_csv_rows(data_dir / "train.csv")]
+    assert [labels.count(c) for c in range(NUM_CLASSES)] == [1040, 1039, 1040, 1040]
+    assert {label for _, label in read_csv_rows(data_dir / "test.csv")} == {-1}
+
+
+def test_real_splits_shapes_and_range(real_splits, sample_folder):
+    for split, ds in real_splits.items():
+        size = len(read_csv_rows(sample_folder / f"{split}.csv"))
         assert len(ds) == size
         assert ds.images.shape == (size, 3, 32, 32) and ds.images.dtype == torch.float32
         assert ds.labels.shape == (size,) and ds.labels.dtype == torch.int64
@@ -114,53 +124,47 @@ def test_real_splits_sizes_shapes_and_range(real_splits):
         assert ds.images.min() < -0.9 and ds.images.max() > 0.9
 
 
-@needs_data
-def test_real_labels_and_paths_follow_the_csv(real_splits):
+def test_real_labels_and_paths_follow_the_csv(real_splits, sample_folder):
     for split in SPLIT_SIZES:
-        rows = read_csv_rows(CPEN455_DIR / f"{split}.csv")
+        rows = read_csv_rows(sample_folder / f"{split}.csv")
         assert real_splits[split].paths == [p for p, _ in rows]
         assert real_splits[split].labels.tolist() == [label for _, label in rows]
-    train_counts = torch.bincount(real_splits["train"].labels, minlength=NUM_CLASSES)
-    assert train_counts.tolist() == [1040, 1039, 1040, 1040]
     assert (real_splits["test"].labels == -1).all()
 
 
-@needs_data
-def test_real_images_match_independent_decode(real_splits):
+def test_real_images_match_independent_decode(real_splits, data_dir, grayscale_rows):
     ds = real_splits["validation"]
     for i, rel_path in enumerate(ds.paths):
-        expected = pil_reference(CPEN455_DIR / rel_path, 32)
+        expected = pil_reference(data_dir / rel_path, 32)
         assert (ds.images[i] - expected).abs().max() <= 2 * PIXEL_TOL, rel_path
     # the grayscale JPEGs of train (a handful) go through the same check
     train = real_splits["train"]
-    gray = [i for i, p in enumerate(train.paths) if image_mode(CPEN455_DIR / p) == "L"]
-    assert gray, "expected some grayscale JPEGs in train"
+    gray = [i for i, p in enumerate(train.paths) if image_mode(data_dir / p) == "L"]
+    assert len(gray) == len(grayscale_rows) > 0, "expected some grayscale JPEGs in train"
     for i in gray:
-        expected = pil_reference(CPEN455_DIR / train.paths[i], 32)
+        expected = pil_reference(data_dir / train.paths[i], 32)
         assert (train.images[i] - expected).abs().max() <= 2 * PIXEL_TOL, train.paths[i]
         assert torch.equal(train.images[i][0], train.images[i][1])
 
 
-@needs_data
-def test_image_size_and_custom_transform():
-    full = CPEN455Dataset(CPEN455_DIR, "validation", image_size=64)
-    first = CPEN455_DIR / full.paths[0]
+def test_image_size_and_custom_transform(sample_folder):
+    full = CPEN455Dataset(sample_folder, "validation", image_size=64)
+    first = sample_folder / full.paths[0]
     with Image.open(first) as image:
         pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1) / 255
     # resizing 64 -> 64 is the identity, so this is exactly the decoded image in [-1, 1]
     torch.testing.assert_close(full.images[0], pixels * 2 - 1)
-    raw = CPEN455Dataset(CPEN455_DIR, "validation", transform=lambda x: x)
-    assert raw.images.shape == (SPLIT_SIZES["validation"], 3, 64, 64)
+    raw = CPEN455Dataset(sample_folder, "validation", transform=lambda x: x)
+    assert raw.images.shape == (len(full), 3, 64, 64)
     torch.testing.assert_close(raw.images[0], pixels)
 
 
-@needs_data
-def test_root_dir_is_used(tmp_path, real_splits, monkeypatch):
-    rows = read_csv_rows(CPEN455_DIR / "validation.csv")[:5][::-1]
+def test_root_dir_is_used(tmp_path, real_splits, sample_folder, data_dir, monkeypatch):
+    rows = read_csv_rows(sample_folder / "validation.csv")[:5][::-1]
     root = tmp_path / "mini"
     (root / "validation").mkdir(parents=True)
     for rel_path, _ in rows:
-        (root / rel_path).write_bytes((CPEN455_DIR / rel_path).read_bytes())
+        (root / rel_path).write_bytes((data_dir / rel_path).read_bytes())
     (root / "validation.csv").write_text("".join(f"{p},{label}\n" for p, label in rows))
     monkeypatch.chdir(tmp_path)  # relative paths must resolve against root_dir, not the cwd
 
@@ -236,8 +240,8 @@ def test_bad_input_raises_one_line_dataset_error(tmp_path, case):
     assert "\n" not in str(info.value)
 
 
-def test_cli_missing_folder_exits_1_with_one_line_error(tmp_path):
-    result = run_cli("--data_dir", str(tmp_path / "nope"))
+def test_cli_missing_folder_exits_1_with_one_line_error(tmp_path, run_script):
+    result = run_script("dataset.py", "--data_dir", tmp_path / "nope")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0]
@@ -254,52 +258,51 @@ def test_load_dataset_errors(tmp_path):
         load_dataset("cpen455", tmp_path, "valid")
 
 
-def write_idx(path, array):
-    """Write a uint8 array in MNIST's IDX format: magic (0, 0, 0x08 = uint8, ndim), dims, data."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def test_load_dataset_mnist_keeps_one_channel_and_maps_splits(tmp_path):
-    rng = np.random.default_rng(0)
-    raw = tmp_path / "MNIST" / "raw"
-    splits = {"train": (5, "train"), "t10k": (3, "validation")}
-    pixels, labels = {}, {}
-    for prefix, (n, _) in splits.items():
-        pixels[prefix] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels[prefix] = rng.integers(0, 10, n, dtype=np.uint8)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", pixels[prefix])
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[prefix])
-    for prefix, (n, mode) in splits.items():
-        ds = load_dataset("mnist", tmp_path, mode)
+def test_load_dataset_mnist_keeps_one_channel_and_maps_splits(mnist_stand_in):
+    root, arrays = mnist_stand_in
+    for mode, split in (("train", "train"), ("validation", "validation"), ("test", "validation")):
+        ds = load_dataset("mnist", root, mode)
+        pixels, labels = arrays[split]
         assert isinstance(ds, TensorImageDataset)
-        assert ds.images.shape == (n, 1, 28, 28) and ds.images.dtype == torch.float32
-        expected = torch.from_numpy(pixels[prefix]).float()[:, None] / 255 * 2 - 1
+        assert ds.images.shape == (len(labels), 1, 28, 28) and ds.images.dtype == torch.float32
+        expected = torch.from_numpy(pixels).float()[:, None] / 255 * 2 - 1
         torch.testing.assert_close(ds.images, expected)
-        assert ds.labels.dtype == torch.int64 and ds.labels.tolist() == labels[prefix].tolist()
+        assert ds.labels.dtype == torch.int64 and ds.labels.tolist() == labels.tolist()
         assert ds.num_classes == len(ds.class_names) == 10
-    assert load_dataset("mnist", tmp_path, "test").images.shape[0] == 3
+
+
+def test_load_dataset_cifar10_reads_the_pickled_batches_in_order(cifar10_stand_in):
+    """The five training batches one after another, the test batch for "validation" and "test",
+    each image (3, 32, 32) as the batch's row of 3072 bytes lays it out, and the class names of
+    batches.meta."""
+    root, arrays = cifar10_stand_in
+    for mode, split in (("train", "train"), ("validation", "validation"), ("test", "validation")):
+        ds = load_dataset("cifar10", root, mode)
+        pixels, labels = arrays[split]
+        assert ds.images.shape == (len(labels), 3, 32, 32) and ds.images.dtype == torch.float32
+        torch.testing.assert_close(ds.images, torch.from_numpy(pixels).float() / 255 * 2 - 1)
+        assert ds.labels.tolist() == labels.tolist()
+        assert ds.class_names == tuple(f"class{k}" for k in range(10)) and ds.num_classes == 10
 
 
 # ----------------------------------------------------------------- download
 
 @pytest.fixture(scope="module")
-def downloaded(tmp_path_factory):
+def downloaded(tmp_path_factory, archive):
     """The real archive installed through a file:// URL into a folder that has a README."""
     data_dir = tmp_path_factory.mktemp("download") / "data"
     data_dir.mkdir()
     (data_dir / "README.md").write_text("mine\n")
-    download_cpen455(data_dir, url="file://" + str(ARCHIVE))
+    download_cpen455(data_dir, url="file://" + str(archive))
     return data_dir
 
 
-def assert_real_dataset(data_dir, load_splits=tuple(SPLIT_SIZES)):
-    """data_dir holds the same files as the shared copy, and `load_splits` load at full size."""
+def assert_real_dataset(data_dir, real_dir, load_splits=()):
+    """data_dir holds the same files as the real copy, and `load_splits` load at full size."""
     for split in SPLIT_SIZES:
-        assert (data_dir / f"{split}.csv").read_bytes() == (CPEN455_DIR / f"{split}.csv").read_bytes()
+        assert (data_dir / f"{split}.csv").read_bytes() == (real_dir / f"{split}.csv").read_bytes()
         names = sorted(p.name for p in (data_dir / split).iterdir())
-        assert names == sorted(p.name for p in (CPEN455_DIR / split).iterdir())
+        assert names == sorted(p.name for p in (real_dir / split).iterdir())
     for split in load_splits:
         ds = CPEN455Dataset(data_dir, split)
         assert len(ds) == SPLIT_SIZES[split] and ds.images.shape == (SPLIT_SIZES[split], 3, 32, 32)
@@ -309,24 +312,19 @@ def leftovers(folder, keep):
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
-@needs_archive
-@needs_data
-def test_download_file_url_installs_and_keeps_other_files(downloaded):
-    assert_real_dataset(downloaded)
+def test_download_file_url_installs_and_keeps_other_files(downloaded, data_dir):
+    assert_real_dataset(downloaded, data_dir)
     assert (downloaded / "README.md").read_text() == "mine\n"
     assert leftovers(downloaded.parent, keep={"data"}) == []  # no temporary files left
 
 
-@needs_archive
-@needs_data
-def test_download_plain_path(tmp_path):
-    data_dir = download_cpen455(tmp_path / "nested" / "data", url=str(ARCHIVE))
-    assert data_dir == tmp_path / "nested" / "data"
-    assert_real_dataset(data_dir, load_splits=("validation",))  # the file:// test loads all
-    assert leftovers(data_dir.parent, keep={"data"}) == []
+def test_download_plain_path(tmp_path, archive, data_dir):
+    installed = download_cpen455(tmp_path / "nested" / "data", url=str(archive))
+    assert installed == tmp_path / "nested" / "data"
+    assert_real_dataset(installed, data_dir, load_splits=("validation",))
+    assert leftovers(installed.parent, keep={"data"}) == []
 
 
-@needs_archive
 def test_download_skips_complete_dataset(downloaded, capsys):
     # an unreachable URL proves nothing is fetched
     download_cpen455(downloaded, url="file:///nonexistent/archive.zip")
@@ -445,11 +443,15 @@ def test_download_over_http(tmp_path, http_server, monkeypatch):
     assert leftovers(tmp_path / "out2", keep=set()) == []
 
 
-@needs_archive
-def test_cli_download(tmp_path):
-    result = run_cli("--download", "--data_dir", str(tmp_path / "data"), "--url", "file://" + str(ARCHIVE))
-    assert result.returncode == 0, result.stderr
-    summary = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
-    for split, size in SPLIT_SIZES.items():
-        assert summary[split].split()[1] == str(size)
-    assert "1 panda: 1039" in summary["train"]
+def test_cli_download_installs_and_summarises(tmp_path, monkeypatch, capsys):
+    """`python dataset.py --download` (its main) on an archive of 6 training images of classes 0
+    and 1, 2 validation and 2 test images: installed, then each split's size and class counts."""
+    sizes = {"train": 6, "validation": 2, "test": 2}
+    archive = make_archive(tmp_path / "small.zip", sizes, classes=2)
+    monkeypatch.setattr(dataset, "SPLIT_SIZES", sizes)  # a tiny archive stands in for the real one
+    dataset.main(Namespace(download=True, data_dir=tmp_path / "data", url=str(archive)))
+    summary = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+               if line.split() and line.split()[0] in sizes}
+    assert summary["train"].split()[1] == "6" and "0 hamburger: 3, 1 panda: 3" in summary["train"]
+    assert summary["validation"].split()[1] == "2"
+    assert summary["test"].split()[1] == "2" and "2 unlabelled" in summary["test"]

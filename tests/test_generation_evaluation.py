@@ -3,22 +3,18 @@ eigendecomposition, the whole pipeline against pytorch-fid's own `calculate_fid_
 course's grading call), `my_sample`'s files, and the script end to end offline, including every
 way FID can fail; `--temperature` against the cached sampler, `--completions`, and
 `--temperature_sweep`'s samples, class agreement and FID per temperature against the sampler, an
-independent classifier and pytorch-fid. pytorch-fid's Inception architecture with random weights
-stands in for the real weights (no internet here); a tiny PixelCNN samples the 100 images with the
-cached sampler. The end-to-end run dominates the time: its floor is the Inception pass over 200
-images at 299x299, about 90 ms an image on one core:
+independent classifier and pytorch-fid; the errors a checkpoint of other classes and bad flags
+give. pytorch-fid's Inception architecture with random weights stands in for the real weights (no
+internet here); a tiny PixelCNN samples with the cached sampler. The Inception passes dominate the
+time, about 90 ms an image at 299x299 on one core:
 
     python -m pytest tests/test_generation_evaluation.py -q --durations=5
 """
 
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from argparse import Namespace
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -32,12 +28,8 @@ from pytorch_fid.fid_score import calculate_fid_given_paths
 import generation_evaluation as ge
 from dataset import my_bidict
 from model import PixelCNN
-from utils import discretized_mix_logistic_loss, sample_fast
+from utils import sample_fast
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "cpen455"
-needs_data = pytest.mark.skipif(not (DATA / "test").is_dir(),
-                                reason=f"needs the CPEN455 data at {DATA}")
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"   # pytorch-fid's official file name
 SMALL_DIMS = 64            # Inception block 0 only: the cheapest features, for the unit tests
 SIZE = 32                  # side of sampled images in the script runs: the course's size
@@ -63,12 +55,10 @@ def fid_weights(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, tiny_model):
     """A tiny PixelCNN saved the way pcnn_train.py saves models: a plain state_dict."""
-    torch.manual_seed(0)
-    model = PixelCNN(nr_resnet=1, nr_filters=4, nr_logistic_mix=2)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    torch.save(model.state_dict(), path)
+    torch.save(tiny_model(perturb=False, nr_filters=4).state_dict(), path)
     return path
 
 
@@ -78,23 +68,6 @@ def copy_images(src, dst, n):
     for f in sorted(src.glob("*.jpg"))[:n]:
         shutil.copy(f, dst / f.name)
     return dst
-
-
-def run_script(*args, env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}   # see one_thread
-    return subprocess.run([sys.executable, "generation_evaluation.py", *map(str, args)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-
-
-def run_script_into_one_log(log, *args):
-    """`python generation_evaluation.py ARGS > log 2>&1` from a plain shell (stdout
-    block-buffered); returns the exit code and the log's text, carriage returns kept."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "generation_evaluation.py", *map(str, args)],
-                              cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, stdout=f,
-                              stderr=subprocess.STDOUT, timeout=600)
-    return proc.returncode, log.read_bytes().decode()
 
 
 def script_args(**overrides):
@@ -128,13 +101,6 @@ def drawn_labels(n_per_class):
 
 def load_tiny(checkpoint):
     return PixelCNN.from_state_dict(torch.load(checkpoint)).eval()
-
-
-@torch.no_grad()
-def independent_log_likelihoods(model, images):
-    """log p(x | c) by a plain loop over classes: (N, C, H, W) -> (N, classes)."""
-    return torch.stack([-discretized_mix_logistic_loss(images, model(images, torch.full(
-        (images.shape[0],), c)), reduction="none") for c in range(model.num_classes)], dim=1)
 
 
 def course_hub(fid_weights, monkeypatch):
@@ -190,13 +156,11 @@ def test_imaginary_square_root_raises_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def folders(tmp_path_factory, data_dir):
     """Two small folders of real images: 16 test and 16 validation JPEGs."""
-    if not (DATA / "test").is_dir():
-        pytest.skip(f"needs the CPEN455 data at {DATA}")
     root = tmp_path_factory.mktemp("folders")
-    return (copy_images(DATA / "test", root / "a", 16),
-            copy_images(DATA / "validation", root / "b", 16))
+    return (copy_images(data_dir / "test", root / "a", 16),
+            copy_images(data_dir / "validation", root / "b", 16))
 
 
 def test_pipeline_equals_pytorch_fid_calculate_fid_given_paths(fid_weights, folders, monkeypatch):
@@ -272,37 +236,39 @@ def test_my_sample_takes_no_temperature_for_a_sampler_of_its_own(tmp_path):
 
 # ------------------------------------------------------------------------------- script runs
 
-@needs_data
-def test_end_to_end_offline(tmp_path, checkpoint, fid_weights):
-    """100 samples, the course's two output lines and a grid, against 100 of the real test images
-    (the course's 519 would make the Inception pass three times as long)."""
-    gen, ref = tmp_path / "samples", copy_images(DATA / "test", tmp_path / "ref", 100)
+def test_end_to_end_offline(tmp_path, checkpoint, fid_weights, data_dir, run_script):
+    """32 samples at the course's size and FID dimensions, the course's two output lines and a
+    grid, against 32 of the real test images (the course's 100 against 519 would make the
+    Inception passes 20 times as long)."""
+    gen, ref = tmp_path / "samples", copy_images(data_dir / "test", tmp_path / "ref", 32)
     # Small Inception batches: the statistics do not depend on them, and on one CPU thread they
     # spare most of the page faults of 128 images' 300 MB activations. Both streams go to one log,
     # as graders run it: the result lines must be lines of their own there.
-    code, log = run_script_into_one_log(
-        tmp_path / "log", "--checkpoint", checkpoint, "--gen_data_dir", gen, "--ref_data_dir", ref,
-        "--fid_weights", fid_weights, "--image_size", SIZE, "--batch_size", 8,
-        "--device", "cpu")
-    assert code == 0, log[-3000:]
-    assert sorted(p.name for p in gen.glob("*.png")) == sample_names(25)
+    proc = run_script("generation_evaluation.py", "--checkpoint", checkpoint, "--gen_data_dir",
+                      gen, "--ref_data_dir", ref, "--fid_weights", fid_weights, "--n_per_class", 8,
+                      "--image_size", SIZE, "--batch_size", 8, "--device", "cpu",
+                      log=tmp_path / "log")
+    log = proc.log
+    assert proc.returncode == 0, log[-3000:]
+    assert sorted(p.name for p in gen.glob("*.png")) == sample_names(8)
     assert Image.open(gen / "Class2_07.png").size == (SIZE, SIZE)
     lines = log.split("\n")
-    assert "#generated images: 100, #reference images: 100" in lines, log[-2000:]
+    assert "#generated images: 32, #reference images: 32" in lines, log[-2000:]
     scores = [line for line in lines if line.startswith("Average fid score: ")]
     assert len(scores) == 1 and math.isfinite(float(scores[0].split(": ")[1])), log[-2000:]
     grid = Image.open(ge.grid_path(gen))                   # one row per class, padding 1
-    assert grid.size == (25 * (SIZE + 1) + 1, len(my_bidict) * (SIZE + 1) + 1)
+    assert grid.size == (8 * (SIZE + 1) + 1, len(my_bidict) * (SIZE + 1) + 1)
 
 
-def test_result_lines_start_their_own_line_in_one_log(tmp_path, checkpoint):
+def test_result_lines_start_their_own_line_in_one_log(tmp_path, checkpoint, run_script):
     """--skip_fid > log 2>&1: the sampler's progress bar shares the file, and the lines printed
     before and after it are lines of their own there."""
     gen = tmp_path / "samples"
-    code, log = run_script_into_one_log(tmp_path / "log", "--checkpoint", checkpoint,
-                                        "--gen_data_dir", gen, "--n_per_class", 1, "--image_size",
-                                        8, "--skip_fid", "--device", "cpu")
-    assert code == 0, log
+    proc = run_script("generation_evaluation.py", "--checkpoint", checkpoint, "--gen_data_dir",
+                      gen, "--n_per_class", 1, "--image_size", 8, "--skip_fid", "--device", "cpu",
+                      log=tmp_path / "log")
+    log = proc.log
+    assert proc.returncode == 0, log
     assert "sampling rows" in log and "\r" in log, "the progress bar is not in the log"
     lines = log.split("\n")
     assert "sampling 1 images of each of hamburger, panda, koala, pizza" in lines, log
@@ -311,17 +277,19 @@ def test_result_lines_start_their_own_line_in_one_log(tmp_path, checkpoint):
         in lines, log
 
 
-def test_without_weights_exits_2_naming_the_file_and_keeps_samples(tmp_path, checkpoint):
+def test_without_weights_exits_2_naming_the_file_and_keeps_samples(tmp_path, checkpoint,
+                                                                   run_script):
     """An empty torch hub cache and a proxy that refuses connections: no download is possible,
     with or without internet."""
     ref = tmp_path / "ref"
     ref.mkdir()
     Image.new("RGB", (SIZE, SIZE)).save(ref / "a.png")
     gen = tmp_path / "samples"
-    r = run_script("--checkpoint", checkpoint, "--gen_data_dir", gen, "--ref_data_dir", ref,
-                   "--n_per_class", 1, "--image_size", SIZE, "--device", "cpu",
-                   env={"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
-                        "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""})
+    offline = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    r = run_script("generation_evaluation.py", "--checkpoint", checkpoint, "--gen_data_dir", gen,
+                   "--ref_data_dir", ref, "--n_per_class", 1, "--image_size", SIZE, "--device",
+                   "cpu", env=offline)
     assert r.returncode == ge.EXIT_NO_WEIGHTS, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     expected_place = tmp_path / "torch" / "hub" / "checkpoints" / WEIGHTS_NAME
@@ -355,19 +323,18 @@ def test_undefined_fid_exits_3_with_a_clear_message(tmp_path, checkpoint, fid_we
     assert sorted(p.name for p in gen.glob("*.png")) == sample_names(2)
 
 
-def test_imports_neither_evaluation_script():
+def test_imports_neither_evaluation_script(run_script):
     """The model and its loader come from model.py: sampling does not load the classifier's
     script (a fresh process, since other tests import it here)."""
     probe = "import sys, generation_evaluation; print('classification_evaluation' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_script("-c", probe)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
 
 
-def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
-    r = run_script("--checkpoint", tmp_path / "nope.pth", "--gen_data_dir", tmp_path / "s",
-                   "--skip_fid")
+def test_missing_checkpoint_is_one_line_without_traceback(tmp_path, run_script):
+    r = run_script("generation_evaluation.py", "--checkpoint", tmp_path / "nope.pth",
+                   "--gen_data_dir", tmp_path / "s", "--skip_fid")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: no checkpoint at") and "nope.pth" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -386,7 +353,7 @@ def test_missing_reference_fails_before_sampling(tmp_path, checkpoint):
 def test_skip_fid_only_samples_and_the_seed_makes_it_reproducible(tmp_path, checkpoint):
     def run(gen, seed):
         ge.main(script_args(checkpoint=checkpoint, gen_data_dir=gen, n_per_class=1,
-                            image_size=SIZE, skip_fid=True, seed=seed))
+                            image_size=8, skip_fid=True, seed=seed))
         return {p.name: p.read_bytes() for p in gen.glob("*.png")}
 
     first, again, other = run(tmp_path / "a", 0), run(tmp_path / "b", 0), run(tmp_path / "c", 1)
@@ -408,11 +375,10 @@ def test_temperature_flag_reaches_the_samples(tmp_path, checkpoint):
     assert not torch.equal(expected, sample_fast(model, labels, (3, 8, 8)))
 
 
-@needs_data
-def test_completions_figure(tmp_path, checkpoint, capsys):
+def test_completions_figure(tmp_path, checkpoint, capsys, data_dir):
     """--completions 2 writes the figure under grids/, and neither samples nor FID."""
     gen = tmp_path / "samples"
-    ge.main(script_args(checkpoint=checkpoint, gen_data_dir=gen, ref_data_dir=DATA / "test",
+    ge.main(script_args(checkpoint=checkpoint, gen_data_dir=gen, ref_data_dir=data_dir / "test",
                         completions=2, image_size=16))
     out = capsys.readouterr().out
     png = gen / "grids" / "completions.png"
@@ -420,10 +386,9 @@ def test_completions_figure(tmp_path, checkpoint, capsys):
     assert not list(gen.glob("*.png")) and "fid" not in out.lower()
 
 
-@needs_data
-def test_complete_under_every_class_keeps_each_images_top(checkpoint):
+def test_complete_under_every_class_keeps_each_images_top(checkpoint, data_dir):
     model = load_tiny(checkpoint)
-    images = ge.load_reference_images(DATA / "test", 2, 16)               # (2, 3, 16, 16)
+    images = ge.load_reference_images(data_dir / "test", 2, 16)           # (2, 3, 16, 16)
     done = ge.complete_under_every_class(model, images, 8, torch.Generator().manual_seed(0))
     assert done.shape == (2, len(my_bidict), 3, 16, 16)
     assert torch.equal(done[:, :, :, :8], images[:, None, :, :8].expand(-1, 4, -1, -1, -1))
@@ -451,19 +416,56 @@ def test_bad_figure_and_temperature_flags_are_usage_errors(flags, message, capsy
     assert exit_info.value.code == 2 and f"error: {message}" in capsys.readouterr().err
 
 
-def test_sweep_flag_alone_means_the_default_temperatures():
-    assert ge.parse_args(["--temperature_sweep"]).temperature_sweep == []
+@pytest.mark.parametrize("size", ["30", "6"])
+def test_a_side_the_model_cannot_halve_twice_is_a_usage_error(size, capsys):
+    """The image side must be a multiple of 4 (two downsamplings); counts out of range
+    (--n_per_class 0 and the like) are tests/test_cli_errors.py's."""
+    with pytest.raises(SystemExit) as exit_info:
+        ge.parse_args(["--image_size", size])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error: " in err and "--image_size" in err, err
+
+
+@pytest.mark.parametrize("figure", [{}, {"temperature_sweep": [1.0]}, {"completions": 1}],
+                         ids=["samples", "sweep", "completions"])
+def test_a_checkpoint_of_other_classes_is_an_error_before_sampling(figure, tmp_path, tiny_model):
+    """The script samples the four CPEN455 classes: a model of ten (trained on CIFAR-10, say)
+    stops with one line naming the file and both counts, for the samples and for either figure,
+    and writes nothing."""
+    path = tmp_path / "ten_classes.pth"
+    torch.save(tiny_model(num_classes=10, nr_filters=4).state_dict(), path)
+    with pytest.raises(SystemExit) as exit_info:
+        ge.main(script_args(checkpoint=path, gen_data_dir=tmp_path / "g", ref_data_dir=tmp_path,
+                            n_per_class=1, image_size=8, skip_fid=True, **figure))
+    assert exit_info.value.code == (f"error: {path} knows 10 classes; this script samples the "
+                                    f"{len(my_bidict)} CPEN455 classes")
+    assert not (tmp_path / "g").exists()
+
+
+def test_sweep_flag_alone_samples_the_temperatures_the_docstring_gives(tmp_path, checkpoint,
+                                                                       capsys):
+    """`--temperature_sweep` without values sweeps the temperatures the script's docstring
+    promises, in its order, each into a folder of its own; without the flag there is no sweep."""
+    promised = re.search(r"--temperature_sweep +# figures only: T = ([\d., ]+)\n", ge.__doc__)
+    promised = [float(t) for t in promised.group(1).split(", ")]
     assert ge.parse_args([]).temperature_sweep is None
-    assert ge.SWEEP_TEMPERATURES == (1.0, 0.9, 0.8, 0.7)
+    args = ge.parse_args(["--temperature_sweep", "--checkpoint", str(checkpoint),
+                          "--gen_data_dir", str(tmp_path / "g"), "--n_per_class", "1",
+                          "--image_size", "4", "--skip_fid", "--device", "cpu"])
+    ge.main(args)
+    swept = [float(t) for t in re.findall(r"^T=([\d.]+): ", capsys.readouterr().out, re.M)]
+    assert swept == promised
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == sorted(
+        ["grids"] + [f"temperature_{t}" for t in promised])
 
 
-@needs_data
-def test_temperature_sweep_end_to_end(tmp_path, checkpoint, fid_weights, monkeypatch, capsys):
+def test_temperature_sweep_end_to_end(tmp_path, checkpoint, fid_weights, monkeypatch, capsys,
+                                      data_dir, class_loop):
     """Two temperatures: the samples are sample_fast's at each T from the same seed, the printed
     share and median margin are an independent classifier's on the PNGs, and the printed FID is
     pytorch-fid's calculate_fid_given_paths on the same folders (checked at one T: its Inception
     passes dominate the time)."""
-    gen, ref = tmp_path / "samples", copy_images(DATA / "test", tmp_path / "ref", 8)
+    gen, ref = tmp_path / "samples", copy_images(data_dir / "test", tmp_path / "ref", 8)
     ge.main(script_args(checkpoint=checkpoint, gen_data_dir=gen, ref_data_dir=ref,
                         temperature_sweep=[1.0, 0.5], n_per_class=2, image_size=16,
                         fid_weights=fid_weights, dims=SMALL_DIMS, batch_size=8))
@@ -478,7 +480,7 @@ def test_temperature_sweep_end_to_end(tmp_path, checkpoint, fid_weights, monkeyp
         images = read_levels(folder, 2)
         torch.manual_seed(0)
         assert torch.equal(images, levels(sample_fast(model, labels, (3, 16, 16), temperature=t)))
-        ll = independent_log_likelihoods(model, images.float() / 127.5 - 1)    # (8, classes)
+        ll = class_loop(model, images.float() / 127.5 - 1)                    # (8, classes)
         agreed = (ll.argmax(dim=1) == labels).sum().item()
         margins = sorted(ll[k, labels[k]].item() - max(ll[k, c].item() for c in range(4)
                                                        if c != labels[k]) for k in range(8))

@@ -1,6 +1,7 @@
 """The generative classifier's tools in `utils.py`, each against an independent computation:
-per-pixel log-likelihoods against a float64 brute force over the 256 bins, class-conditional
-completion against a loop of full forward passes on the same noise, and sampling temperature
+per-pixel log-likelihoods, of one mixture and of every class at once, against a float64 brute
+force over the 256 bins; class-conditional completion against the slow sampler's images and a loop
+of full forward passes on the same noise; and sampling temperature
 against a frozen copy of the sampler's formula as it was before temperature existed (T = 1 must
 draw those samples bit for bit) and against what T should do to one logistic and to the mixture
 weights. Tiny eval-mode models on 8x8 images; the file takes a few seconds:
@@ -14,68 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import PixelCNN
 from utils import (class_log_likelihoods, class_pixel_log_likelihoods, complete,
-                   discretized_mix_logistic_loss, pixel_log_likelihoods, quantize, sample,
+                   pixel_log_likelihoods, quantize, sample,
                    sample_fast, sample_from_discretized_mix_logistic)
 
-NUM_LEVELS = 256
-LEVELS = torch.arange(NUM_LEVELS, dtype=torch.float64) * 2 / 255 - 1   # bin centres
-HALF_BIN = 1 / 255
 MIN_LOG_SCALE = -7.0                  # the paper's clamp, part of the likelihood
 UNIFORM_EPS = 1e-5                    # the sampler keeps its uniforms in [eps, 1 - eps]
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-def tiny_model(channels=3, seed=0):
-    """An eval-mode PixelCNN with every parameter moved off its initialisation."""
-    torch.manual_seed(seed)
-    model = PixelCNN(nr_resnet=1, nr_filters=8, nr_logistic_mix=3, input_channels=channels).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
-def grid_images(b, c, h, w, seed=0):
-    """Random images on the 256-level grid, float32."""
-    v = torch.randint(0, NUM_LEVELS, (b, c, h, w), generator=torch.Generator().manual_seed(seed))
-    return (v.double() * 2 / 255 - 1).float()
-
-
-def brute_force_pixel_log_likelihoods(x, l, nr_mix):
-    """log p(pixel) of every pixel from the 256-way categorical of each sub-pixel, float64:
-    (B, C, H, W), (B, 10K or 3K, H, W) -> (B, H, W).
-
-    l is laid out as [K logits | per colour: K means, K log-scales (, K raw coefficients)]; the
-    coefficients of the red, green and blue blocks are c0, c1, c2 in mean_g += c0 r,
-    mean_b += c1 r + c2 g. Bin v spans b_v +- 1/255, except that bin 0 reaches to -inf and bin
-    255 to +inf.
-    """
-    x, l, K = x.double(), l.double(), nr_mix
-    C = x.shape[1]
-    per_colour = 3 * K if C == 3 else 2 * K
-    blocks = [l[:, K + per_colour * c:K + per_colour * (c + 1)] for c in range(C)]
-    level = torch.round((x + 1) * 127.5).long()                          # (B, C, H, W)
-    likelihood = torch.softmax(l[:, :K], dim=1)                          # (B, K, H, W)
-    for c, block in enumerate(blocks):
-        mean = block[:, :K]                                              # (B, K, H, W)
-        if c == 1:
-            mean = mean + torch.tanh(blocks[0][:, 2 * K:]) * x[:, :1]
-        if c == 2:
-            mean = (mean + torch.tanh(blocks[1][:, 2 * K:]) * x[:, :1]
-                    + torch.tanh(blocks[2][:, 2 * K:]) * x[:, 1:2])
-        scale = block[:, K:2 * K].clamp(min=MIN_LOG_SCALE).exp()[..., None]
-        upper = torch.sigmoid((LEVELS + HALF_BIN - mean[..., None]) / scale)
-        lower = torch.sigmoid((LEVELS - HALF_BIN - mean[..., None]) / scale)
-        upper[..., -1], lower[..., 0] = 1.0, 0.0
-        masses = upper - lower                                           # (B, K, H, W, 256)
-        observed = masses.gather(-1, level[:, c:c + 1].expand_as(mean)[..., None])[..., 0]
-        assert observed.min() > 1e-5, "stay off the loss's density fallback for thin bins"
-        likelihood = likelihood * observed
-    return likelihood.sum(dim=1).log()                                   # (B, H, W)
-
 
 def sampler_before_temperature(l, nr_mix, u_mix, u_val):
     """A frozen copy of utils.sample_from_discretized_mix_logistic as it was before it took a
@@ -127,33 +75,37 @@ def complete_by_full_passes(model, x, labels, rows, generator, temperature):
 # ---------------------------------------------------------------------- per-pixel likelihoods
 
 @pytest.mark.parametrize("channels", [3, 1])
-def test_pixel_log_likelihoods_match_brute_force_and_sum_to_the_loss(channels):
+def test_pixel_log_likelihoods_match_brute_force(channels, grid, brute_force):
     torch.manual_seed(0)
     K, B, H, W = 3, 2, 4, 8
     l = torch.randn(B, (10 if channels == 3 else 3) * K, H, W) * 0.5
-    x = grid_images(B, channels, H, W)
+    x = grid(B, channels, H, W)
     x[:, :, 0, :4], x[:, :, 0, 4:] = -1.0, 1.0                           # both edge bins
     per_pixel = pixel_log_likelihoods(x, l)
     assert per_pixel.shape == (B, H, W) and per_pixel.dtype == torch.float32
-    torch.testing.assert_close(per_pixel.double(), brute_force_pixel_log_likelihoods(x, l, K),
+    torch.testing.assert_close(per_pixel.double(), brute_force.pixel_log_likelihoods(x, l, K),
                                rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(per_pixel.sum(dim=(1, 2)),
-                               -discretized_mix_logistic_loss(x, l, reduction="none"))
     # bf16 network output is computed in float32 as well
     assert pixel_log_likelihoods(x, l.bfloat16()).dtype == torch.float32
 
 
 @torch.no_grad()
-def test_class_pixel_log_likelihoods_match_a_loop_over_classes():
+def test_class_pixel_log_likelihoods_match_brute_force_class_by_class(tiny_model, grid,
+                                                                      brute_force):
+    """Column c of class_pixel_log_likelihoods, and of class_log_likelihoods summed over the
+    pixels, is the brute force on a pass with every label c. The classes are far enough apart
+    that columns in another order would show."""
     model = tiny_model()
-    x = grid_images(3, 3, 8, 8, seed=1)
+    x = grid(3, 3, 8, 8, seed=1)
     per_pixel = class_pixel_log_likelihoods(model, x, 4)                 # (3, 4, 8, 8)
-    assert per_pixel.shape == (3, 4, 8, 8)
-    for c in range(4):
-        expected = pixel_log_likelihoods(x, model(x, torch.full((3,), c)))
-        torch.testing.assert_close(per_pixel[:, c], expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(class_log_likelihoods(model, x, 4), per_pixel.sum(dim=(2, 3)),
-                               rtol=1e-5, atol=1e-3)
+    per_image = class_log_likelihoods(model, x, 4)                       # (3, 4)
+    assert per_pixel.shape == (3, 4, 8, 8) and per_image.shape == (3, 4)
+    expected = torch.stack([brute_force.pixel_log_likelihoods(
+        x, model(x, torch.full((3,), c)), model.nr_logistic_mix) for c in range(4)], dim=1)
+    torch.testing.assert_close(per_pixel.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(per_image.double(), expected.sum(dim=(2, 3)), rtol=1e-5, atol=1e-2)
+    gaps = expected.sum(dim=(2, 3))[:, :, None] - expected.sum(dim=(2, 3))[:, None, :]
+    assert gaps[:, ~torch.eye(4, dtype=torch.bool)].abs().min() > 1, "classes too alike to tell"
 
 
 # ---------------------------------------------------------------------------------- temperature
@@ -195,7 +147,7 @@ def test_temperature_sharpens_the_mixture_weights():
     assert abs(fraction - 0.9) < 4 * math.sqrt(0.9 * 0.1 / x.numel())
 
 
-def test_fast_and_straightforward_samplers_agree_at_temperature():
+def test_fast_and_straightforward_samplers_agree_at_temperature(tiny_model):
     model = tiny_model()
     labels = torch.tensor([0, 1, 2, 3])
     obs = (3, 8, 8)
@@ -208,7 +160,7 @@ def test_fast_and_straightforward_samplers_agree_at_temperature():
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf, "0.7"])
-def test_bad_temperature_is_a_clear_error(bad):
+def test_bad_temperature_is_a_clear_error(bad, tiny_model):
     model = tiny_model()
     labels, x = torch.tensor([0]), torch.zeros(1, 3, 4, 4)
     for call in (lambda: sample_fast(model, labels, (3, 4, 4), temperature=bad),
@@ -223,10 +175,10 @@ def test_bad_temperature_is_a_clear_error(bad):
 # ----------------------------------------------------------------------------------- completion
 
 @pytest.mark.parametrize("channels, rows, temperature", [(3, 3, 1.0), (3, 4, 0.7), (1, 5, 1.0)])
-def test_complete_matches_full_forward_passes(channels, rows, temperature):
+def test_complete_matches_full_forward_passes(channels, rows, temperature, tiny_model):
     """Kept rows off the 256-level grid stay exactly as given; the rows below x's kept rows hold
     other content, which neither sampler may read."""
-    model = tiny_model(channels)
+    model = tiny_model(input_channels=channels)
     torch.manual_seed(1)
     x = torch.rand(4, channels, 8, 8) * 2 - 1
     labels = torch.tensor([3, 2, 1, 0])
@@ -239,30 +191,40 @@ def test_complete_matches_full_forward_passes(channels, rows, temperature):
     assert not torch.equal(done[:, :, rows:], other[:, :, rows:]), "labels must steer the rest"
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_complete_from_no_rows_is_sample_fast(temperature):
-    model = tiny_model()
-    labels = torch.tensor([0, 1, 2, 3])
-    x = torch.rand(4, 3, 8, 8)                                 # every row is to be replaced
-    done = complete(model, x, labels, 0, torch.Generator().manual_seed(9), temperature)
-    drawn = sample_fast(model, labels, (3, 8, 8), torch.Generator().manual_seed(9),
-                        temperature=temperature)
+@pytest.mark.parametrize("channels, rows, temperature", [(3, 0, 1.0), (3, 3, 0.7), (1, 5, 1.0)])
+def test_complete_draws_the_rest_of_the_slow_samplers_image(channels, rows, temperature,
+                                                            tiny_model):
+    """complete(rows=k) on an image `sample` drew, its rows from k on overwritten: the first k
+    rows come back bit for bit, and the cached sampler, given the same generator (so the same
+    noise, drawn for the whole image up front), draws the slow sampler's rows k..H-1 again. A
+    sampler that reads a row too early or too late, or takes another pixel's noise, draws
+    others."""
+    model = tiny_model(input_channels=channels)
+    labels, obs = torch.tensor([0, 1, 2, 3]), (channels, 8, 8)
+    drawn = sample(model, labels, obs, torch.Generator().manual_seed(9), temperature=temperature)
+    scrambled = drawn.clone()
+    scrambled[:, :, rows:] = torch.rand_like(scrambled[:, :, rows:])
+    done = complete(model, scrambled, labels, rows, torch.Generator().manual_seed(9), temperature)
+    assert torch.equal(done[:, :, :rows], drawn[:, :, :rows])
     assert torch.equal(done, drawn)
+    other = complete(model, scrambled, labels, rows, torch.Generator().manual_seed(10),
+                     temperature)
+    assert not torch.equal(other[:, :, rows:], drawn[:, :, rows:]), "the noise must steer it"
 
 
-def test_complete_keeping_every_row_returns_the_image():
+def test_complete_keeping_every_row_returns_the_image(tiny_model):
     model = tiny_model()
     x = torch.rand(2, 3, 8, 8)
     assert torch.equal(complete(model, x, torch.tensor([0, 1]), 8), x)
 
 
 @pytest.mark.parametrize("rows", [-1, 9, 2.0])
-def test_complete_rejects_rows_out_of_range(rows):
+def test_complete_rejects_rows_out_of_range(rows, tiny_model):
     with pytest.raises(ValueError, match="rows must be an integer from 0 to the image height 8"):
         complete(tiny_model(), torch.zeros(1, 3, 8, 8), torch.tensor([0]), rows)
 
 
-def test_complete_rejects_mismatched_labels_and_training_mode():
+def test_complete_rejects_mismatched_labels_and_training_mode(tiny_model):
     model = tiny_model()
     with pytest.raises(ValueError, match="one per image"):
         complete(model, torch.zeros(2, 3, 8, 8), torch.tensor([0]), 4)
