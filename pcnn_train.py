@@ -5,15 +5,12 @@
     python pcnn_train.py --resume                           # continue exactly where it stopped
     torchrun --nproc_per_node=8 pcnn_train.py --preset gpu  # 8 GPUs, DistributedDataParallel
 
-Every --eval_interval epochs, and when the run ends, it prints train bits/dim, validation
-bits/dim, the validation accuracy of the Bayes classifier argmax_c log p(x | c) + log pi(c),
-wall time and images/s, and appends the same to `<run_dir>/log.jsonl`; `<run_dir>/steps.csv`
-holds every step. The --keep checkpoint (EMA weights when --ema is on) goes to
-`<save_dir>/conditional_pixelcnn.pth`; `<run_dir>/resume.pt`, written at every epoch end and
-every --checkpoint_minutes of training, holds everything --resume needs to continue exactly,
-mid-epoch too. At the end `<run_dir>/curves.png` plots the training curves, and (--fit_prior)
-the kept model gets the class prior log pi(c) that fits its training images best, written into
-the checkpoint and `<run_dir>/class_prior.json`.
+Every --eval_interval epochs and at the end it logs train and validation bits/dim, the Bayes
+classifier's validation accuracy and images/s to `<run_dir>/log.jsonl` (every step to
+`steps.csv`), writes the --keep checkpoint (EMA weights with --ema) to
+`<save_dir>/conditional_pixelcnn.pth` and `<run_dir>/resume.pt` (every epoch end and every
+--checkpoint_minutes) for an exact --resume; at the end it plots `curves.png` and (--fit_prior)
+chooses the kept model's class prior log pi(c) (`class_prior.json`).
 
 A step whose loss is not finite or spikes far above the recent steps' (--spike_sigmas) is
 skipped, counted in steps.csv and log.jsonl; --rollback_after skipped steps in a row take the run
