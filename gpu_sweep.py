@@ -9,10 +9,10 @@ epochs, skipped steps and the largest rise of the training bits/dim above its be
 Each candidate is `pcnn_train.py --preset gpu` plus the flags in CANDIDATES, run in its own
 process (--parallel: all of them at once, sharing the GPU: their images/s then count for the
 comparison of the recipes' accuracy within one command, not as each recipe's speed alone). Each
-run's log.jsonl, steps.csv, curves.png and class_prior.json go to `<out>/<name>/`, its checkpoint
-to a temporary folder (the GPU preset's is 228 MB); the table goes to `<out>/sweep.md` and
-`<out>/sweep.json`, and the first candidate's 100 samples (25 per class) to
-`<out>/<name>_samples.png`, with its bits/dim in the table.
+run's log.jsonl, steps.csv, curves.png and class_prior.json go to `<out>/<name>/` (its resume.pt
+is deleted), its checkpoint to a temporary folder (the GPU preset's is 228 MB); the table goes to
+`<out>/sweep.md` and `<out>/sweep.json`, and the first candidate's 100 samples (25 per class) to
+`<out>/<name>_samples.png`.
 """
 
 import argparse
@@ -123,6 +123,7 @@ def main(args):
                 proc.kill()
                 code = "timeout"
             log.close()
+            (out / name / "resume.pt").unlink(missing_ok=True)   # the preset's is 0.9 GB
             rows.append(summarise(name, out / name, code, time.time() - start))
             print(f"{name}: exit {code}, {rows[-1].get('acc_fitted', 'no')} accuracy", flush=True)
     first = ckpts / names[0] / "conditional_pixelcnn.pth"

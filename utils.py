@@ -575,7 +575,12 @@ def _pair_log_likelihoods(model, images, pairs, batch_size, device, tta):
 
 
 def pick_device(name="auto"):
-    """The device a script runs on: `name`, or for "auto" cuda, then mps, then cpu."""
+    """The device a script runs on: `name`, or for "auto" cuda, then mps, then cpu. A device this
+    torch cannot see ends the script with one line (scripts alone call this)."""
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if name in available and not available[name]():
+        sys.exit(f"error: --device {name}, but this torch sees no {name} device: pass --device "
+                 f"cpu or auto")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():

@@ -480,6 +480,18 @@ def test_classification_writes_where_git_ignores_by_default():
     assert ignored.returncode == 0
 
 
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_a_device_this_torch_cannot_see_is_one_line(device, monkeypatch):
+    from utils import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        pick_device(device)
+    assert str(stop.value) == (f"error: --device {device}, but this torch sees no {device} "
+                               f"device: pass --device cpu or auto")
+    assert pick_device("auto") == torch.device("cpu")
+
+
 # ------------------------------------------------------------------------------- docs/errors.md
 
 def test_every_row_of_docs_errors_md_names_a_test_here():
