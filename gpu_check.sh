@@ -40,8 +40,8 @@ cat "$out/machine.txt"
 
 part cuda_tests 180 python -m pytest -q -rs tests/test_cuda.py
 part bench 240 python bench.py --device cuda --data_dir "$data"
-# shellcheck disable=SC2086
-part sweep $(( ${minutes%.*} * 60 + 180 )) python gpu_sweep.py --parallel --minutes "$minutes" \
-  --data_dir "$data" --out "$out" ${SWEEP_ONLY:+--only $SWEEP_ONLY}
+sweep_limit=$(python -c "import sys; print(round(float(sys.argv[1]) * 60) + 180)" "$minutes")
+part sweep "$sweep_limit" python gpu_sweep.py --parallel --minutes "$minutes" \
+  --data_dir "$data" --out "$out" ${SWEEP_ONLY:+--only $SWEEP_ONLY}   # word-split on purpose
 tar czf results/gpu.tar.gz -C results gpu
 echo "results -> $out/, packed in results/gpu.tar.gz"

@@ -41,7 +41,7 @@ CANDIDATES = {
 }
 REPO = Path(__file__).resolve().parent
 SAMPLES_PER_CLASS = 25              # the course's 100 samples
-STARTUP_SLACK_S = 120               # a run's data loading, last validation and prior fit
+STARTUP_SLACK_S = 120               # past --max_minutes: Python and torch start-up, a late end
 
 
 def train_command(name, args, run_dir, save_dir):

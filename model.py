@@ -167,16 +167,7 @@ class PixelCNN(nn.Module):
         if x.shape[0] == 0 or labels.shape[0] % x.shape[0]:
             raise ValueError(f"labels ({labels.shape[0]}) must be a multiple of the images "
                              f"({x.shape[0]}): one label per image, or K per image class-major")
-        state, cond = self._first_stages(x, labels)
-        return self._last_stage(state, cond, labels.shape[0])
-
-    def _embed(self, labels):
-        return self.embedding(labels) if self.embedding is not None else None   # (n, E)
-
-    def _first_stages(self, x, labels):
-        """Everything before the down pass's last stage: the state it reads, [u, ul, and the
-        up pass's full-resolution skip outputs] (B or n, F, H, W) each, and the embedding."""
-        cond = self._embed(labels)                                               # (n, E)
+        cond = self.embedding(labels) if self.embedding is not None else None   # (n, E)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)                   # (B, C+1, H, W)
         u = down_shift(self.u_init(x))                                           # (B, F, H, W)
         ul = down_shift(self.ul_init_up(x)) + right_shift(self.ul_init_left(x))
@@ -198,21 +189,14 @@ class PixelCNN(nn.Module):
                 ul_skips.append(ul)
 
         u, ul = u_skips.pop(), ul_skips.pop()
-        for stage in range(2):
+        for stage in range(3):
             u, ul = self._down_stage(stage, u, ul, u_skips, ul_skips, cond)
-            u = self.upsize_u[stage](u)                                          # (B, F, 2H, 2W)
-            ul = self.upsize_ul[stage](ul)
-        return [u, ul, *u_skips, *ul_skips], cond
-
-    def _last_stage(self, state, cond, n):
-        """The down pass's last stage and the output layer on the state `_first_stages` returns
-        (or rows of it): (n, mixture channels, rows, W)."""
-        half = (len(state) - 2) // 2
-        u, ul, u_skips, ul_skips = state[0], state[1], list(state[2:2 + half]), list(state[2 + half:])
-        u, ul = self._down_stage(2, u, ul, u_skips, ul_skips, cond)
+            if stage < 2:
+                u = self.upsize_u[stage](u)                                      # (B, F, 2H, 2W)
+                ul = self.upsize_ul[stage](ul)
         if self.late_proj is not None:
             ul = add_pairs(ul, self.late_proj(cond)[:, :, None, None])
-        return expand_pairs(self.mixture(ul), n)                         # (n, ..., rows, W)
+        return expand_pairs(self.mixture(ul), labels.shape[0])                  # (n, ., H, W)
 
     def _down_stage(self, stage, u, ul, u_skips, ul_skips, cond):
         """The blocks of the down pass's `stage`, consuming their skip inputs from the ends of

@@ -8,8 +8,8 @@
 Every --eval_interval epochs and at the end it logs train and validation bits/dim, the Bayes
 classifier's validation accuracy and images/s to `<run_dir>/log.jsonl` (every step to
 `steps.csv`), writes the --keep checkpoint (EMA weights with --ema) to
-`<save_dir>/conditional_pixelcnn.pth` and `<run_dir>/resume.pt` (every epoch end and every
---checkpoint_minutes) for an exact --resume; at the end it plots `curves.png` and (--fit_prior)
+`<save_dir>/conditional_pixelcnn.pth` and `<run_dir>/resume.pt` (every --checkpoint_minutes and
+at the end) for an exact --resume; at the end it plots `curves.png` and (--fit_prior)
 chooses the kept model's class prior log pi(c) (`class_prior.json`).
 
 A step whose loss is not finite or spikes far above the recent steps' (--spike_sigmas) is
@@ -84,10 +84,9 @@ def train_epoch(run, step_fn, snapshots, progress, clock, signals):
     """Train from progress.batch_index to the end of the epoch, or until a stop condition (a
     signal among them), writing resume.pt every --checkpoint_minutes. Returns the stop reason,
     None when the epoch ran out."""
-    args = run.args
     if progress.perm is None:
         progress.perm = torch.randperm(run.train.images.shape[0], generator=run.data_gen)
-    last_save = span_start = time.time()
+    span_start = time.time()
     stop_reason, queued = None, []
     with progress_bar(range(progress.batch_index, run.batches_per_epoch),
                       f"epoch {progress.epoch + 1}", run.master) as bar:
@@ -97,22 +96,22 @@ def train_epoch(run, step_fn, snapshots, progress, clock, signals):
             step_fn(x, y, lr, run.ema.weight(progress.step) if run.ema is not None else 0.0)
             progress.step, progress.batch_index = progress.step + 1, i + 1
             queued.append((progress.step, progress.epoch + 1, lr))
-            stop_reason = stop_reason_after(run, progress, clock)
+            stop_reason = stop_reason_after(run, progress, clock, read_clock=False)
             if len(queued) < step_fn.readback_steps and not stop_reason and \
                     i + 1 < run.batches_per_epoch:
                 continue
-            # At a read-back, where the device is read anyway: what every process must agree on.
-            stop_reason = stop_reason or signals.reason(run)
+            # At a read-back, where the device is read anyway: what every process must agree on
+            # (under DDP the clock and the signals are rank 0's, broadcast).
+            stop_reason = (stop_reason or stop_reason_after(run, progress, clock)
+                           or signals.reason(run))
             record_steps(run, step_fn, snapshots, progress, queued, bar)
             queued = []
             clock.plan(progress)
             progress.trained_seconds += time.time() - span_start
             if stop_reason:
                 break
-            if args.checkpoint_minutes and rank0_decides(
-                    run, time.time() - last_save >= 60 * args.checkpoint_minutes):
-                save_resume(run, step_fn, progress, clock.start_time)
-                last_save = time.time()
+            if checkpoint_due(run, clock):
+                save_resume(run, step_fn, progress, clock)
             span_start = time.time()
     return stop_reason
 
@@ -160,7 +159,8 @@ def end_epoch(run, step_fn, progress, clock, final):
     """After an epoch, or the part of one a stop left (final: the run ends there): every
     --eval_interval epochs and at the end, validate and log (log_validation; the EMA weights when
     EMA is on: they are what gets saved); save numbered checkpoints and samples on schedule; write
-    resume.pt. Returns the validation log p(x | c) when it validated, else None."""
+    resume.pt at the end, when --checkpoint_minutes are due, or every epoch when it is 0. Returns
+    the validation log p(x | c) when it validated, else None."""
     args = run.args
     finished_epoch = progress.batch_index == run.batches_per_epoch
     if finished_epoch:
@@ -189,8 +189,16 @@ def end_epoch(run, step_fn, progress, clock, final):
                              run.device, run.train.class_names)
         if live is not None:
             model.load_state_dict(live)
-    save_resume(run, step_fn, progress, clock.start_time)
+    if final or not args.checkpoint_minutes or checkpoint_due(run, clock):
+        save_resume(run, step_fn, progress, clock)
     return val_ll
+
+
+def checkpoint_due(run, clock):
+    """Whether --checkpoint_minutes (0: off) have passed since resume.pt was last written, on
+    rank 0's clock: the GPU preset's resume.pt is 0.9 GB, too much to write at every epoch end."""
+    minutes = run.args.checkpoint_minutes
+    return bool(minutes) and rank0_decides(run, time.time() - clock.last_save >= 60 * minutes)
 
 
 def report_prior_fit(run, fit):
@@ -216,6 +224,8 @@ def main(args):
     run, step_fn = setup(args)
     progress = load_resume(run, step_fn) if args.resume else Progress()
     snapshots = Snapshots(step_fn)
+    if progress.step:   # the resumed state: what a rollback returns to until a later copy is good
+        snapshots.observe(progress.step, skipped=False)
     # The run's clock: --max_minutes and elapsed_min count the earlier sessions' time too.
     clock = Clock(run, session_start - progress.elapsed_s)
     if run.master:
@@ -234,7 +244,7 @@ def main(args):
         while progress.epoch < args.max_epochs and stop_reason is None:
             stop_reason = train_epoch(run, step_fn, snapshots, progress, clock, signals)
             if signals.stopped:     # the step under way has finished: keep it and leave at once
-                save_resume(run, step_fn, progress, clock.start_time)
+                save_resume(run, step_fn, progress, clock)
                 break
             ll = end_epoch(run, step_fn, progress, clock, final=stop_reason is not None)
             val_ll = ll if ll is not None else val_ll

@@ -53,7 +53,8 @@ PRESETS = {
         ema=0.999, dropout=0.5, flip=True, amp=True,
         block_init_scale=0.1,         # each block starts near the identity, as the reference does
         cuda_graph=True,              # the eager step was launch-bound: ~6,400 kernels per step
-        keep="last", eval_interval=1, max_minutes=25.0, max_epochs=1000, sampling_interval=10),
+        keep="last", max_minutes=25.0, max_epochs=1000, sampling_interval=10,
+        eval_interval=5),             # each validation writes the 228 MB checkpoint
 }
 # --fit_prior scores at most this many training images (all of CPEN455's 4159; a fixed sample of
 # CIFAR-10's 50000): one number per class is fitted, and every image costs a pass per class.
@@ -129,7 +130,7 @@ class EMA:
     step 8990, so in shorter runs it alone sets the average, over roughly the last ninth of the
     steps (a longer window, the last third, measured worse: docs/experiments.md).
 
-    The averaged tensors are made once and updated in place (one foreach call per step, no
+    The averaged tensors are made once and updated in place (three foreach calls per step, no
     state_dict), so a CUDA graph can capture the update.
     """
 
@@ -328,8 +329,9 @@ class GuardedStep:
         skip = ~torch.isfinite(value) | (judged & (value > limit))
         run.optimizer.zero_grad(set_to_none=not self.cuda_graph)
         loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip)
+        # The norm also tells a finite loss with non-finite gradients (a bf16 overflow): skipped too.
+        norm = torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip or math.inf)
+        skip = skip | ~torch.isfinite(norm)
         skip_f = skip.float()
         if self.fused:
             run.optimizer.found_inf = skip_f
@@ -427,7 +429,8 @@ def standalone_step(model, lr, ema_decay=0.0, autocast=None, cuda_graph=False, g
 class Snapshots:
     """The last good state of a run, in memory, for the spike guard's rollback: a copy is taken
     every SNAPSHOT_STEPS steps and becomes the good state once the next SNAPSHOT_STEPS steps were
-    all accepted, so a state that led to a blow-up is never the one returned to."""
+    all accepted, so that a state that led to a blow-up is not the one returned to (unless no copy
+    has earned that yet: then the only one held)."""
 
     def __init__(self, step_fn):
         self.step_fn = step_fn
@@ -684,11 +687,12 @@ def restore_resume(run, step_fn, path):
                  f"trained with (--nr_resnet, --nr_filters, --nr_logistic_mix, --fusion, "
                  f"--dataset), or another --run_dir")
     run.model.load_state_dict(ckpt["model"])
+    for group in ckpt["optimizer"]["param_groups"]:   # the file's settings, this run's kernel:
+        group.update(fused=run.optimizer.defaults["fused"],   # set before the load, which places
+                     capturable=run.optimizer.defaults["capturable"])   # Adam's step count by them
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    for group in run.optimizer.param_groups:   # the file's settings, but this run's kernel
-        group.update(fused=run.optimizer.defaults["fused"],
-                     capturable=run.optimizer.defaults["capturable"])
-        if step_fn.fused:   # the step's own rate tensor, not the file's copy
+    if step_fn.fused:   # the step's own rate tensor, not the file's copy
+        for group in run.optimizer.param_groups:
             group["lr"] = step_fn.lr
     if run.ema is not None:
         run.ema.load(ckpt["ema"])
@@ -720,10 +724,11 @@ def cut_back_run_files(run, progress):
     atomic_write_lines([json.dumps(record) for record in progress.log], run.run_dir / "log.jsonl")
 
 
-def save_resume(run, step_fn, progress, start_time):
+def save_resume(run, step_fn, progress, clock):
     """Write <run_dir>/resume.pt (atomically, on rank 0): everything `load_resume` restores,
-    with the run's time since start_time."""
-    progress.elapsed_s = time.time() - start_time
+    with the run's time on `clock` (a Clock), which notes when it was written."""
+    progress.elapsed_s = clock.elapsed()
+    clock.last_save = time.time()
     # Every process's dropout generators, by rank; everything else is the same on all of them.
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if run.device.type == "cuda" else None)
     rngs = [rng] * run.world_size
@@ -804,16 +809,17 @@ def learning_rate(run, progress):
             * lr_factor(progress.step, args.warmup_steps, args.lr_decay, used, args.lr_cooldown))
 
 
-def stop_reason_after(run, progress, clock):
+def stop_reason_after(run, progress, clock, read_clock=True):
     """Why the run stops after progress.step steps, or None: --max_steps, the steps --max_minutes
-    buys, or the clock reaching the end of training under --max_minutes (Clock.train_end)."""
+    buys, or (read_clock) the clock reaching the end of training under --max_minutes
+    (Clock.train_end), rank 0's clock under DDP: a broadcast, so the loop reads it at read-backs."""
     args = run.args
     if args.max_steps and progress.step >= args.max_steps:
         return f"reached --max_steps {args.max_steps}"
     if progress.planned_steps and progress.step >= progress.planned_steps:
         return (f"reached --max_minutes {args.max_minutes}: the {progress.planned_steps} steps "
                 f"it buys")
-    if args.max_minutes and rank0_decides(run, time.time() >= clock.train_end):
+    if read_clock and args.max_minutes and rank0_decides(run, time.time() >= clock.train_end):
         return f"reached --max_minutes {args.max_minutes}"
     return None
 
@@ -856,6 +862,7 @@ class Clock:
                                MAX_END_SHARE * budget)
             self.train_end = self.end - self.reserve
         self.paced_from = None          # (time, step) of this session's first step
+        self.last_save = time.time()    # when resume.pt was last written (or the session began)
 
     def elapsed(self):
         return time.time() - self.start_time

@@ -138,3 +138,18 @@ def test_rollback_returns_to_a_state_followed_by_clean_steps():
     assert [t.data_ptr() for t in tensors] == [t.data_ptr() for t in step.tensors()]
     assert_same(state_of(step), at_0)
     assert any(not torch.equal(a, b) for a, b in zip(at_s, at_0))
+
+
+def test_a_finite_loss_with_nonfinite_gradients_moves_nothing():
+    """A bf16 overflow can leave the loss finite and a gradient infinite: the gradient norm tells
+    it, and the step is skipped (clipping would have spread NaN into every weight)."""
+    step = warmed_step()
+    param = next(step.run.model.parameters())
+    hook = param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    before = state_of(step)
+    step(*batch(0), LR, 0.1)
+    hook.remove()
+    (row,) = step.readback()
+    assert row[3] == 1.0 and all(map(lambda v: v == v, row[:3]))   # skipped; the loss finite
+    after = state_of(step)
+    assert_same(before[:-1], after[:-1])
