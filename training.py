@@ -773,6 +773,31 @@ class StopSignals:
         return None
 
 
+def checkpoint_due(run, clock):
+    """Whether --checkpoint_minutes (0: off) have passed since resume.pt was last written, on
+    rank 0's clock: the GPU preset's resume.pt is 0.9 GB, too much to write at every epoch end."""
+    minutes = run.args.checkpoint_minutes
+    return bool(minutes) and rank0_decides(run, time.time() - clock.last_save >= 60 * minutes)
+
+
+def report_prior_fit(run, fit):
+    """Print what fit_prior did (its dict, or None when there was no time to fit)."""
+    args = run.args
+    if fit is None:
+        print(f"no class prior fitted: the time --max_minutes {args.max_minutes} left scored fewer "
+              f"than {PRIOR_FIT_MIN_IMAGES} training images, so {run.kept_path} keeps its prior; "
+              f"fit it with `python classification_evaluation.py --prior fit --checkpoint "
+              f"{run.kept_path} --save_checkpoint {run.kept_path}`")
+        return
+    cut = (f" of {fit['of_train_images']} (the time --max_minutes {args.max_minutes} left)"
+           if fit["train_images"] < fit["of_train_images"] else "")
+    print(f"class prior chosen on {fit['train_images']}{cut} training images in "
+          f"{fit['seconds']:.0f}s, {fit['reason']}: log pi = "
+          f"[{', '.join(f'{v:.2f}' for v in fit['class_log_prior'])}]; validation accuracy "
+          f"{100 * fit['val_acc_before_fit']:.2f}% -> {100 * fit['val_acc']:.2f}% "
+          f"-> {run.kept_path}, {run.run_dir / 'class_prior.json'}")
+
+
 def rank0_value(run, value):
     """Rank 0's value of a number that reads the clock, on every process: clocks differ between
     processes, and all of them must stop, checkpoint and set the learning rate alike."""
