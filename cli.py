@@ -1,7 +1,7 @@
 """What the three scripts share on their command lines: flag types that check a number's range as
-argparse reads it, the check that an output folder can be written, and the one-line ending of an
-error the machine causes (a full disk), so that a mistake stops with one `error:` line in a
-second, before data loading or torch work. docs/errors.md lists every case and its message.
+argparse reads it and take real booleans (str2bool), the check that an output folder can be
+written, and the one-line ending of an error the machine causes (a full disk), so that a mistake
+stops with one `error:` line in a second, before data loading or torch work. docs/errors.md lists every case and its message.
 """
 
 import argparse
@@ -54,6 +54,16 @@ class Number:
             raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text}")
         return value
 
+
+def str2bool(value):
+    """argparse type for real booleans: `--en_wandb False` is off (the course's type=bool is not)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
 # The ranges most flags take.

@@ -34,13 +34,13 @@ import torch
 import torch.distributed as dist
 
 from cli import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, \
-    PROBABILITY_BELOW_1, Number, check_output_dirs, errors_in_one_line
+    PROBABILITY_BELOW_1, Number, check_output_dirs, errors_in_one_line, str2bool
 from dataset import DatasetError, check_splits
 from model import DEFAULT_CHECKPOINT, FUSION_MODES
 from training import AFTER_FIT_SECONDS, PRESETS, ROLLBACK_LR_FACTOR, STEPS_CSV_HEADER, Clock, \
     Progress, Snapshots, StopSignals, atomic_save, checkpoint_due, evaluate, fit_prior, kept_acc, \
     learning_rate, load_resume, next_batch, plot_curves, report_prior_fit, save_resume, \
-    save_sample_grid, setup, stop_reason_after, str2bool
+    save_sample_grid, setup, stop_reason_after
 from utils import bits_per_dim, line_buffered_stdout, progress_bar
 
 

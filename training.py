@@ -83,17 +83,6 @@ GRAPH_WARMUP_STEPS = 3
 STEPS_CSV_HEADER = "step,epoch,batch_bpd,loss,lr,skipped"
 
 
-def str2bool(value):
-    """argparse type for real booleans: `--en_wandb False` is off (the course's type=bool is not)."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
-
-
 def _atomic_write(path, write):
     """write(tmp) to `path` + ".tmp", then rename it to `path`: a kill mid-write leaves the old file
     intact (and a .tmp that the next run removes: remove_stale_temporaries). A write that fails (a
